@@ -1,0 +1,30 @@
+# nngf_fem -- the two commands for a newcomer are `make demo` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MPIRUN := $(VENV)/bin/mpiexec
+NP     ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-serial test-mpi lint bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(MPIRUN) -n $(NP) $(PY) demos/demo_poisson.py
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(MPIRUN) -n $(NP) $(PY) -m pytest -q -x $(PYTEST_ARGS)
+
+test-serial: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-mpi: setup
+	$(MPIRUN) -n $(NP) $(PY) -m pytest -q -x $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check nngf_fem tests demos benchmarks
+
+clean:
+	rm -rf out_* .pytest_cache
