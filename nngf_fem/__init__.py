@@ -5,16 +5,41 @@ parameterizes the unknown; the natural-gradient system ``J^T A_H J d = -b`` is
 solved matrix-free with PETSc under MPI.
 """
 
-from nngf_fem import _backend  # noqa: F401  (load order: dolfinx_solver before dolfinx)
+from nngf_fem import _backend  # noqa: F401, I001  (load order: dolfinx_solver before dolfinx)
 from nngf_fem.errors import FlowDivergedError, NNGFError, SolverError
 from nngf_fem.solvers import KrylovSolver
+from nngf_fem.models import MLP, ResMLP
+from nngf_fem.field import Linearization, NeuralField
+from nngf_fem.metrics import H1, L2, EnergyNorm, Euclidean, H1Seminorm, Metric
+from nngf_fem.gram import GramOperator, NaturalGradientSolver, dense_gram
+from nngf_fem.energies import EnergyFunctional, FunctionalEnergy, RegressionEnergy, RitzEnergy
+from nngf_fem.flow import FlowResult, NaturalGradientFlow
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "EnergyFunctional",
+    "EnergyNorm",
+    "Euclidean",
     "FlowDivergedError",
+    "FlowResult",
+    "FunctionalEnergy",
+    "GramOperator",
+    "H1",
+    "H1Seminorm",
     "KrylovSolver",
+    "L2",
+    "Linearization",
+    "MLP",
+    "Metric",
     "NNGFError",
+    "NaturalGradientFlow",
+    "NaturalGradientSolver",
+    "NeuralField",
+    "RegressionEnergy",
+    "ResMLP",
+    "RitzEnergy",
     "SolverError",
+    "dense_gram",
 ]

@@ -13,9 +13,8 @@ except ModuleNotFoundError as err:  # conda / Docker DOLFINx
     if err.name != "dolfinx_solver":
         raise
 
-from mpi4py import MPI
-
 import torch
+from mpi4py import MPI
 
 
 def _configure_torch_threads() -> None:

@@ -1,0 +1,158 @@
+"""The neural flow (Gram) matrix ``G = J^T A_H J`` and the natural-gradient solve.
+
+``G_ij = <d_i Phi, d_j Phi>_H``. The matrix-free path wraps ``v -> (G + eps I) v``
+in a PETSc ``python`` shell matrix over a parameter-space Vec distributed across the
+ranks (parameters themselves are replicated): each product gathers ``v`` on all
+ranks, forms ``J v`` at the owned points (torch forward mode), applies ``A_H``
+(a parallel PETSc Mat), and sums ``J^T w`` over ranks (torch reverse mode +
+allreduce). The dense path forms ``J`` explicitly (small ``P``; the reference).
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from petsc4py import PETSc
+
+from nngf_fem.field import Linearization
+from nngf_fem.metrics import Metric
+from nngf_fem.mpi import allreduce_sum
+from nngf_fem.solvers import KrylovSolver
+
+__all__ = ["GramOperator", "dense_gram", "NaturalGradientSolver"]
+
+NG_DEFAULTS = {"ksp_type": "cg", "ksp_rtol": 1e-10, "ksp_atol": 1e-50, "ksp_max_it": 1000,
+               "pc_type": "none"}
+
+
+class GramOperator:
+    """``v -> J^T A_H J v + eps v`` at a fixed linearization.
+
+    Args:
+        metric: the Hilbert metric ``A_H``.
+        lin: linearization of the metric's field (``metric.field.linearize(...)``).
+        eps: damping added to the diagonal.
+    """
+
+    def __init__(self, metric: Metric, lin: Linearization, eps: float = 0.0):
+        if lin.with_grad != metric.needs_grad:
+            raise ValueError("linearization and metric disagree on x-derivative rows")
+        self.metric, self.lin, self.eps = metric, lin, float(eps)
+        self.num_params = metric.field.num_params
+        self.comm = metric.comm
+        self.mults = 0
+        self._mat: PETSc.Mat | None = None
+        self._scatter = self._full = None
+
+    def apply(self, v: np.ndarray) -> np.ndarray:
+        """``(G + eps I) v`` for a full (replicated) parameter vector ``v``."""
+        self.mults += 1
+        w = self.lin.jvp(v)
+        return self.lin.vjp(self.metric.apply(w)) + self.eps * v
+
+    # PETSc python-matrix protocol
+    def mult(self, mat: PETSc.Mat, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = (G + eps I) x`` on distributed parameter Vecs."""
+        self._scatter.scatter(x, self._full, addv=PETSc.InsertMode.INSERT,
+                              mode=PETSc.ScatterMode.FORWARD)
+        out = self.apply(self._full.array_r.copy())
+        r0, r1 = y.getOwnershipRange()
+        y.array_w[:] = out[r0:r1]
+
+    @property
+    def mat(self) -> PETSc.Mat:
+        """The PETSc shell matrix (created on first use)."""
+        if self._mat is None:
+            P = self.num_params
+            self._mat = PETSc.Mat().createPython(((PETSc.DECIDE, P), (PETSc.DECIDE, P)),
+                                                 context=self, comm=self.comm)
+            self._mat.setUp()
+            tmp = self._mat.createVecRight()
+            self._scatter, self._full = PETSc.Scatter.toAll(tmp)
+            tmp.destroy()
+        return self._mat
+
+    def destroy(self, mat: PETSc.Mat | None = None) -> None:
+        """Destroy the shell matrix and scatter.
+
+        PETSc also calls this (with ``mat``) when the shell matrix dies; that call is a no-op.
+        """
+        if mat is not None:
+            return
+        for obj in (self._mat, self._scatter, self._full):
+            if obj is not None:
+                obj.destroy()
+        self._mat = self._scatter = self._full = None
+
+
+def dense_gram(metric: Metric, lin: Linearization) -> np.ndarray:
+    """Dense ``G = J^T A_H J`` (``P x P``, on every rank) from an explicit Jacobian.
+
+    Small ``P`` only: the reference for tests and the dense solver path.
+    """
+    field = metric.field
+    J = field.jacobian(with_grad=lin.with_grad)
+    AJ = np.column_stack([metric.apply(J[:, j]) for j in range(J.shape[1])])
+    return allreduce_sum(metric.comm, J.T @ AJ)
+
+
+class NaturalGradientSolver:
+    """Solve ``(J^T A_H J + eps I) d = -b`` matrix-free (PETSc KSP) or densely.
+
+    Args:
+        metric: the Hilbert metric.
+        method: ``"krylov"`` (matrix-free shell matrix + KSP, default) or ``"dense"``
+            (explicit J, Cholesky with eps, least squares when eps = 0).
+        petsc_options_prefix: prefix of the KSP options (default ``nngf_ng_``).
+        petsc_options: KSP options (defaults: CG, rtol 1e-10, no preconditioner; use
+            ``{"ksp_type": "minres"}`` for MINRES).
+    """
+
+    def __init__(self, metric: Metric, method: str = "krylov", *,
+                 petsc_options_prefix: str = "nngf_ng_",
+                 petsc_options: Mapping[str, Any] | None = None):
+        if method not in ("krylov", "dense"):
+            raise ValueError(f"method={method!r} is not known; allowed: 'krylov', 'dense'")
+        self.metric, self.method = metric, method
+        self.prefix, self.petsc_options = petsc_options_prefix, dict(petsc_options or {})
+        self.iterations = 0
+        self.reason = 0
+        self.converged = True
+
+    def solve(self, lin: Linearization, b: np.ndarray, eps: float) -> tuple[np.ndarray, float]:
+        """Return the direction ``d`` and ``d^T G d`` (without the damping)."""
+        if self.method == "dense":
+            G = dense_gram(self.metric, lin)
+            Ge = G + eps * np.eye(G.shape[0])
+            if eps > 0:
+                L = np.linalg.cholesky(Ge)
+                d = -np.linalg.solve(L.T, np.linalg.solve(L, b))
+            else:
+                d = -np.linalg.lstsq(G, b, rcond=None)[0]
+            self.iterations, self.reason, self.converged = 0, 1, True
+            return d, float(d @ G @ d)
+        op = GramOperator(self.metric, lin, eps)
+        A = op.mat
+        solver = KrylovSolver(A, petsc_options_prefix=self.prefix,
+                              petsc_options=self.petsc_options, defaults=NG_DEFAULTS,
+                              raise_on_failure=False)
+        rhs, x = A.createVecs()
+        r0, r1 = rhs.getOwnershipRange()
+        rhs.array_w[:] = -b[r0:r1]
+        x.set(0.0)
+        try:
+            solver.solve(rhs, x)
+            self.iterations, self.reason = solver.iterations, solver.reason
+            self.converged = solver.converged
+            scatter, full = PETSc.Scatter.toAll(x)
+            scatter.scatter(x, full, addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
+            d = full.array_r.copy()
+            scatter.destroy()
+            full.destroy()
+        finally:
+            solver.destroy()
+            rhs.destroy()
+            x.destroy()
+            op.destroy()
+        # d^T G d = d^T (G + eps) d - eps |d|^2 = -b.d - eps |d|^2
+        return d, float(-(b @ d) - eps * (d @ d))

@@ -1,0 +1,309 @@
+"""Hilbert metrics on a neural field's representation, with exact Riesz maps.
+
+A metric ``<u, v>_H = u^T A_H v`` acts on the owned values of a
+:class:`~nngf_fem.field.NeuralField` (flat numpy arrays, one entry per owned row):
+
+==============  ==========================================  =============================
+metric          FE representation (``Q_h``)                 quadrature representation
+==============  ==========================================  =============================
+``L2``          mass matrix ``M`` (optional weight rho)     ``W = diag(w_q |det J_q|)``
+``H1``          ``alpha M + beta K``                        ``W`` on values and x-gradients
+``EnergyNorm``  any SPD bilinear form ``a`` (+ Dirichlet)   ``W`` on x-gradients
+``Euclidean``   identity on nodal values                    identity on point values
+==============  ==========================================  =============================
+
+:meth:`Metric.riesz` solves ``A_H g = e`` for a dual vector ``e`` (the exact Hilbert
+gradient ``g = R_H e``) with a PETSc KSP (default CG + GAMG; pass
+``petsc_options={"ksp_type": "preonly", "pc_type": "lu",
+"pc_factor_mat_solver_type": "mumps"}`` for a direct solve).
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import ufl
+from dolfinx import fem
+from dolfinx.fem.petsc import assemble_matrix
+from petsc4py import PETSc
+
+from nngf_fem.field import NeuralField
+from nngf_fem.solvers import KrylovSolver
+
+__all__ = ["Metric", "L2", "H1", "EnergyNorm", "Euclidean", "H1Seminorm"]
+
+RIESZ_DEFAULTS = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-12, "ksp_atol": 1e-30,
+                  "ksp_max_it": 2000}
+
+
+class Metric:
+    """Base class: an inner product on the owned values of a neural field.
+
+    Args:
+        field: the field whose representation the metric acts on.
+        petsc_options_prefix: prefix of the Riesz solver's options.
+        petsc_options: options of the Riesz KSP (override CG + GAMG defaults).
+    """
+
+    name = "metric"
+    #: whether the quadrature representation needs x-derivative rows
+    with_grad = False
+
+    def __init__(
+        self,
+        field: NeuralField,
+        *,
+        petsc_options_prefix: str = "nngf_riesz_",
+        petsc_options: Mapping[str, Any] | None = None,
+    ):
+        if not isinstance(field, NeuralField):
+            raise TypeError(f"field must be a NeuralField, got {type(field).__name__}")
+        self.field = field
+        self.comm = field.comm
+        self.prefix = petsc_options_prefix
+        self.petsc_options = dict(petsc_options or {})
+        self.A: PETSc.Mat | None = None
+        self._solver: KrylovSolver | None = None
+        self._x = self._b = None
+        self.riesz_iterations = 0
+
+    # ------------------------------------------------------------ FE helpers
+    def _fe_setup(self, a_form: ufl.Form, bcs: Sequence[fem.DirichletBC] = ()) -> None:
+        self.A = assemble_matrix(fem.form(a_form), bcs=list(bcs))
+        self.A.assemble()
+        self._x = self.A.createVecRight()
+        self._b = self.A.createVecRight()
+        assert self._x.getLocalSize() == self.field.local_size
+
+    @property
+    def is_fe(self) -> bool:
+        """True when the metric is a FE matrix (FE representation)."""
+        return self.A is not None
+
+    @property
+    def rows_per_value(self) -> int:
+        """Rows of ``J`` per owned value (``1 + gdim`` for quadrature with x-derivatives)."""
+        return 1 + self.field.gdim if (self.with_grad and not self.is_fe) else 1
+
+    @property
+    def needs_grad(self) -> bool:
+        """Whether the linearization must include x-derivatives."""
+        return self.with_grad and not self.is_fe
+
+    # -------------------------------------------------------------- interface
+    def apply(self, w: np.ndarray) -> np.ndarray:
+        """``A_H w`` on owned rows (values, then x-derivatives for quadrature H1)."""
+        if self.is_fe:
+            self._x.array_w[:] = w
+            self.A.mult(self._x, self._b)
+            return self._b.array_r.copy()
+        return self._quadrature_weights() * w
+
+    def _quadrature_weights(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def inner(self, u: np.ndarray, v: np.ndarray) -> float:
+        """``<u, v>_H`` (global, identical on all ranks)."""
+        return self.comm.allreduce(float(np.dot(u, self.apply(v))))
+
+    def norm(self, u: np.ndarray) -> float:
+        """``||u||_H``."""
+        return float(np.sqrt(max(self.inner(u, u), 0.0)))
+
+    def riesz(self, e: np.ndarray) -> np.ndarray:
+        """Solve ``A_H g = e`` for the Riesz representer ``g`` of the dual vector ``e``.
+
+        Raises:
+            SolverError: the Krylov solve failed (on all ranks).
+        """
+        if self.is_fe:
+            if self._solver is None:
+                self._solver = KrylovSolver(self.A, petsc_options_prefix=self.prefix,
+                                            petsc_options=self.petsc_options,
+                                            defaults=RIESZ_DEFAULTS)
+            self._b.array_w[:] = e
+            self._x.set(0.0)
+            self.riesz_iterations = self._solver.solve(self._b, self._x)
+            return self._x.array_r.copy()
+        return self._quadrature_riesz(e)
+
+    def _quadrature_riesz(self, e: np.ndarray) -> np.ndarray:
+        return e / self._quadrature_weights()
+
+    def dual_norm_squared(self, e: np.ndarray, g: np.ndarray | None = None) -> float:
+        """``||e||_{H'}^2 = e . g`` with ``g = R_H e`` (global)."""
+        g = self.riesz(e) if g is None else g
+        return self.comm.allreduce(float(np.dot(e, g)))
+
+    def dense_matrix(self) -> np.ndarray:
+        """Dense local-by-global block of ``A_H`` is not needed; the full serial matrix.
+
+        Small problems and tests only. Works on one rank.
+        """
+        if self.comm.size != 1:
+            raise RuntimeError("dense_matrix() is a serial debugging helper")
+        if self.is_fe:
+            ai, aj, av = self.A.getValuesCSR()
+            n = self.A.getSize()[0]
+            dense = np.zeros((n, n))
+            for r in range(n):
+                dense[r, aj[ai[r] : ai[r + 1]]] = av[ai[r] : ai[r + 1]]
+            return dense
+        return np.diag(self._quadrature_weights())
+
+    def destroy(self) -> None:
+        """Destroy the PETSc objects."""
+        for obj in (self._solver,):
+            if obj is not None:
+                obj.destroy()
+        for obj in (self.A, self._x, self._b):
+            if obj is not None:
+                obj.destroy()
+        self._solver = self.A = self._x = self._b = None
+
+    def __del__(self):
+        try:
+            self.destroy()
+        except Exception:  # pragma: no cover
+            pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.field.representation})"
+
+
+def _trial_test(field: NeuralField):
+    return ufl.TrialFunction(field.space), ufl.TestFunction(field.space)
+
+
+def _eval_at_quadrature(field: NeuralField, expr) -> np.ndarray:
+    """Owned quadrature-point values of a scalar UFL expression."""
+    tdim = field.mesh.topology.dim
+    cells = np.arange(field.mesh.topology.index_map(tdim).size_local, dtype=np.int32)
+    return fem.Expression(expr, field.quadrature_points_ref).eval(field.mesh, cells).reshape(-1)
+
+
+class L2(Metric):
+    """``<u, v> = int rho u . v dx`` (rho = 1 by default).
+
+    With a vector-valued field this is the ``L2(mu; R^d)`` metric on maps, ``mu = rho dx``.
+
+    Args:
+        field: the neural field.
+        weight: optional positive density ``rho`` (UFL expression or constant).
+        petsc_options_prefix: Riesz solver prefix.
+        petsc_options: Riesz solver options.
+    """
+
+    name = "L2"
+
+    def __init__(self, field: NeuralField, weight=None, *, petsc_options_prefix: str = "nngf_riesz_",
+                 petsc_options: Mapping[str, Any] | None = None):
+        super().__init__(field, petsc_options_prefix=petsc_options_prefix,
+                         petsc_options=petsc_options)
+        self.weight = weight
+        if field.representation == "fe":
+            u, v = _trial_test(field)
+            rho = 1.0 if weight is None else weight
+            self._fe_setup(rho * ufl.inner(u, v) * ufl.dx)
+        else:
+            w = field.weights.copy()
+            if weight is not None:
+                w *= _eval_at_quadrature(field, weight)
+            if np.any(w <= 0):
+                raise ValueError("L2 weight must be positive at all quadrature points")
+            self._w = np.repeat(w, field.value_size)
+
+    def _quadrature_weights(self) -> np.ndarray:
+        return self._w
+
+
+class H1(Metric):
+    """``<u, v> = alpha int u . v dx + beta int grad u : grad v dx`` (defaults 1, 1)."""
+
+    name = "H1"
+    with_grad = True
+
+    def __init__(self, field: NeuralField, alpha: float = 1.0, beta: float = 1.0, *,
+                 petsc_options_prefix: str = "nngf_riesz_",
+                 petsc_options: Mapping[str, Any] | None = None):
+        super().__init__(field, petsc_options_prefix=petsc_options_prefix,
+                         petsc_options=petsc_options)
+        if not (alpha > 0 and beta >= 0):
+            raise ValueError(f"H1 needs alpha > 0 and beta >= 0, got alpha={alpha}, beta={beta}")
+        self.alpha, self.beta = float(alpha), float(beta)
+        if field.representation == "fe":
+            u, v = _trial_test(field)
+            self._fe_setup((self.alpha * ufl.inner(u, v)
+                            + self.beta * ufl.inner(ufl.grad(u), ufl.grad(v))) * ufl.dx)
+        else:
+            m, d = field.value_size, field.gdim
+            wv = np.repeat(field.weights, m)
+            wg = np.repeat(field.weights, m * d)
+            self._w = np.concatenate([self.alpha * wv, self.beta * wg])
+
+    def _quadrature_weights(self) -> np.ndarray:
+        return self._w
+
+    def _quadrature_riesz(self, e: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(
+            "the H1 Riesz map needs a FE space: use representation='fe' for the Hilbert "
+            "gradient (the quadrature H1 Gram operator itself is available)"
+        )
+
+
+class EnergyNorm(Metric):
+    """Energy inner product ``<u, v> = a(u, v)`` of an SPD bilinear form.
+
+    Args:
+        field: the neural field (FE representation).
+        a: callable ``(u, v) -> ufl.Form``; default ``inner(grad u, grad v) dx``
+            (the H1 seminorm, a norm on H1_0).
+        bcs: Dirichlet conditions of the space (rows become identity in the Riesz solve).
+    """
+
+    name = "energy"
+    with_grad = True
+
+    def __init__(self, field: NeuralField, a: Callable | None = None,
+                 bcs: Sequence[fem.DirichletBC] = (), *,
+                 petsc_options_prefix: str = "nngf_riesz_",
+                 petsc_options: Mapping[str, Any] | None = None):
+        super().__init__(field, petsc_options_prefix=petsc_options_prefix,
+                         petsc_options=petsc_options)
+        self.bcs = list(bcs)
+        if field.representation == "fe":
+            u, v = _trial_test(field)
+            form = a(u, v) if a is not None else ufl.inner(ufl.grad(u), ufl.grad(v)) * ufl.dx
+            self._fe_setup(form, self.bcs)
+        else:
+            if a is not None or bcs:
+                raise ValueError("a custom energy form needs representation='fe'")
+            m, d = field.value_size, field.gdim
+            self._w = np.concatenate([np.zeros(field.n_points * m),
+                                      np.repeat(field.weights, m * d)])
+
+    def _quadrature_weights(self) -> np.ndarray:
+        return self._w
+
+    def _quadrature_riesz(self, e: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(
+            "the energy Riesz map needs a FE space: use representation='fe'"
+        )
+
+
+def H1Seminorm(field: NeuralField, bcs: Sequence[fem.DirichletBC] = (), **kwargs) -> "EnergyNorm":  # noqa: N802
+    """The H1_0 seminorm ``int grad u : grad v dx`` (an :class:`EnergyNorm` metric)."""
+    return EnergyNorm(field, None, bcs, **kwargs)
+
+
+class Euclidean(Metric):
+    """Identity on the representation values (``G = J^T J``; a baseline)."""
+
+    name = "euclidean"
+
+    def __init__(self, field: NeuralField, **kwargs):
+        super().__init__(field, **kwargs)
+        self._w = np.ones(field.local_size)
+
+    def _quadrature_weights(self) -> np.ndarray:
+        return self._w

@@ -1,0 +1,165 @@
+"""Float64 networks that support function-preserving growth.
+
+Growth protocol (see :mod:`nngf_fem.expansion`): a growable module exposes
+
+* ``hidden_layers`` -- the list of ``nn.Linear`` layers whose outputs are hidden
+  activations, and ``output_layer`` -- the final ``nn.Linear``;
+* ``features(x, upto)`` -- the input of hidden layer ``upto`` (i.e. the previous
+  layer's activation, or ``x`` itself for ``upto == 0``);
+* ``activation`` -- the elementwise nonlinearity.
+
+:class:`MLP` and :class:`ResMLP` implement it; a user module that does too can be
+grown by the library.
+"""
+
+import torch
+from torch import nn
+
+__all__ = ["MLP", "ResMLP", "get_activation"]
+
+_ACTIVATIONS = {
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "softplus": nn.functional.softplus,
+    "gelu": nn.functional.gelu,
+    "silu": nn.functional.silu,
+    "sin": torch.sin,
+}
+
+
+def get_activation(name: str):
+    """Activation function by name (tanh, sigmoid, softplus, gelu, silu, sin)."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"activation={name!r} is not known; allowed: {sorted(_ACTIVATIONS)}"
+        ) from None
+
+
+def _check_dims(**dims: int) -> None:
+    for name, v in dims.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+class MLP(nn.Module):
+    """Fully connected network ``x -> W_L s(... s(W_1 x + b_1) ...) + b_L`` (float64).
+
+    Args:
+        in_dim: input dimension (geometric dimension, plus extra inputs).
+        width: neurons per hidden layer (int or list of ints, one per layer).
+        depth: number of hidden layers (ignored if ``width`` is a list).
+        out_dim: output dimension.
+        activation: name of the activation (default ``tanh``).
+        dtype: parameter dtype (default float64).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        width: int | list[int] = 16,
+        depth: int = 1,
+        out_dim: int = 1,
+        activation: str = "tanh",
+        dtype: torch.dtype = torch.float64,
+    ):
+        super().__init__()
+        widths = list(width) if isinstance(width, list | tuple) else [width] * depth
+        _check_dims(in_dim=in_dim, out_dim=out_dim, depth=max(len(widths), 1) if widths else 0)
+        for w in widths:
+            _check_dims(width=w)
+        self.in_dim, self.out_dim, self.activation_name = in_dim, out_dim, activation
+        self.activation = get_activation(activation)
+        dims = [in_dim, *widths]
+        self.hidden_layers = nn.ModuleList(
+            nn.Linear(dims[i], dims[i + 1], dtype=dtype) for i in range(len(widths))
+        )
+        self.output_layer = nn.Linear(dims[-1], out_dim, dtype=dtype)
+
+    @property
+    def widths(self) -> list[int]:
+        """Current hidden widths."""
+        return [layer.out_features for layer in self.hidden_layers]
+
+    def features(self, x: torch.Tensor, upto: int) -> torch.Tensor:
+        """Input of hidden layer ``upto`` (``len(hidden_layers)``: input of the output layer)."""
+        h = x
+        for layer in self.hidden_layers[:upto]:
+            h = self.activation(layer(h))
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluate at points ``x`` of shape ``(n, in_dim)``; returns ``(n, out_dim)``."""
+        return self.output_layer(self.features(x, len(self.hidden_layers)))
+
+    def extra_repr(self) -> str:
+        return f"widths={self.widths}, activation={self.activation_name}"
+
+
+class ResidualBlock(nn.Module):
+    """``h -> h + V s(W h + c)``; identity when ``V = 0``."""
+
+    def __init__(self, dim: int, inner: int, activation, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        self.inner = nn.Linear(dim, inner, dtype=dtype)
+        self.outer = nn.Linear(inner, dim, bias=False, dtype=dtype)
+        self.activation = activation
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Apply the block."""
+        return h + self.outer(self.activation(self.inner(h)))
+
+
+class ResMLP(nn.Module):
+    """Residual MLP: lifting layer, residual blocks, linear output (float64).
+
+    ``x -> h_0 = s(W_0 x + b_0) -> h_{i+1} = h_i + V_i s(W_i h_i + c_i) -> W_out h + b``.
+
+    Args:
+        in_dim: input dimension.
+        width: width of the lifting layer and of the residual stream.
+        depth: number of residual blocks.
+        out_dim: output dimension.
+        activation: activation name.
+        dtype: parameter dtype.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        width: int = 16,
+        depth: int = 1,
+        out_dim: int = 1,
+        activation: str = "tanh",
+        dtype: torch.dtype = torch.float64,
+    ):
+        super().__init__()
+        _check_dims(in_dim=in_dim, width=width, out_dim=out_dim)
+        if not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"depth must be a non-negative integer, got {depth!r}")
+        self.in_dim, self.out_dim, self.activation_name = in_dim, out_dim, activation
+        self.activation = get_activation(activation)
+        self.hidden_layers = nn.ModuleList([nn.Linear(in_dim, width, dtype=dtype)])
+        self.blocks = nn.ModuleList(
+            ResidualBlock(width, width, self.activation, dtype) for _ in range(depth)
+        )
+        self.output_layer = nn.Linear(width, out_dim, dtype=dtype)
+
+    @property
+    def widths(self) -> list[int]:
+        """Width of the residual stream."""
+        return [self.hidden_layers[0].out_features]
+
+    def features(self, x: torch.Tensor, upto: int) -> torch.Tensor:
+        """Input of hidden layer ``upto`` (0: ``x``; 1: the residual stream output)."""
+        if upto == 0:
+            return x
+        h = self.activation(self.hidden_layers[0](x))
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluate at points ``x`` of shape ``(n, in_dim)``."""
+        return self.output_layer(self.features(x, 1))
