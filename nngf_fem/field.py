@@ -170,8 +170,7 @@ class NeuralField:
         self.weights = None
 
     def _setup_quadrature(self, degree: int) -> None:
-        cell = self.mesh.topology.cell_type
-        X, w = basix.make_quadrature(basix.cell.string_to_type(cell.name), degree)
+        X, w = basix.make_quadrature(self.mesh.basix_cell(), degree)
         shape = () if self.value_size == 1 else (self.value_size,)
         qel = basix.ufl.quadrature_element(self.mesh.basix_cell(), value_shape=shape, points=X,
                                            weights=w)
