@@ -1,0 +1,173 @@
+"""Natural-gradient flow: projection property, dense vs matrix-free, monotonicity, MPI."""
+
+import numpy as np
+import pytest
+import torch
+import ufl
+from dolfinx import fem, mesh
+from mpi4py import MPI
+
+import nngf_fem as nf
+
+
+class FixedFeatures(torch.nn.Module):
+    """Linear in its parameters: u(x) = tanh(x W + b) c with fixed W, b."""
+
+    def __init__(self, width=6, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("W", 2 * torch.randn(2, width, generator=g))
+        self.register_buffer("b", torch.randn(width, generator=g))
+        self.c = torch.nn.Parameter(torch.randn(width, 1, generator=g))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.W + self.b) @ self.c
+
+
+def target(msh):
+    x = ufl.SpatialCoordinate(msh)
+    return ufl.sin(ufl.pi * x[0]) * x[1] ** 2
+
+
+@pytest.mark.parametrize("metric_cls", [nf.H1, nf.L2])
+@pytest.mark.parametrize("method", ["dense", "krylov"])
+def test_one_step_lands_on_projection_for_linear_model(metric_cls, method):
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 8, 8)
+    field = nf.NeuralField(msh, FixedFeatures(), element=("Lagrange", 2))
+    norm = "H1" if metric_cls is nf.H1 else "L2"
+    energy = nf.RegressionEnergy(field, target(msh), norm=norm, quadrature_degree=6)
+    metric = metric_cls(field)
+    # reference: minimize 1/2 ||J c - f||_H^2 over c with the dense normal equations
+    lin = field.linearize()
+    G = nf.dense_gram(metric, lin)
+    c0 = field.get_parameters()
+    b0 = lin.vjp(energy.derivative())
+    c_star = c0 - np.linalg.solve(G, b0)  # exact for a model linear in c
+    flow = nf.NaturalGradientFlow(energy, metric, method=method, eps=0.0, eps_min=0.0,
+                                  adapt_eps=False, max_step=1.0,
+                                  petsc_options={"ksp_rtol": 1e-14, "ksp_max_it": 500})
+    rec = flow.step()
+    assert rec["accepted"] and rec["step"] == 1.0
+    np.testing.assert_allclose(field.get_parameters(), c_star, rtol=1e-8, atol=1e-8)
+    # at the projection the derivative is H-orthogonal to the tangent space
+    b1 = field.linearize().vjp(energy.derivative())
+    assert np.linalg.norm(b1) < 1e-8 * np.linalg.norm(b0)
+    metric.destroy()
+
+
+@pytest.mark.parametrize("rep,metric_cls", [("fe", nf.H1), ("fe", nf.L2), ("fe", nf.Euclidean),
+                                            ("quadrature", nf.L2), ("quadrature", nf.H1)])
+def test_matrix_free_and_dense_directions_agree(rep, metric_cls):
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 6, 6)
+    torch.manual_seed(0)
+    field = nf.NeuralField(msh, nf.MLP(2, width=6, depth=2), representation=rep,
+                           quadrature_degree=3)
+    energy = nf.RegressionEnergy(field, target(msh), norm="L2")
+    metric = metric_cls(field)
+    flows = {m: nf.NaturalGradientFlow(energy, metric, method=m, eps=1e-4, alignment=False,
+                                       petsc_options={"ksp_rtol": 1e-14, "ksp_max_it": 2000})
+             for m in ("dense", "krylov")}
+    dirs = {m: f.direction()["d"] for m, f in flows.items()}
+    np.testing.assert_allclose(dirs["krylov"], dirs["dense"], rtol=1e-8,
+                               atol=1e-8 * np.abs(dirs["dense"]).max())
+    metric.destroy()
+
+
+def test_energy_monotone_and_alignment_in_unit_interval():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 8, 8)
+    torch.manual_seed(1)
+    field = nf.NeuralField(msh, nf.MLP(2, width=8, depth=1), element=("Lagrange", 2))
+    x = ufl.SpatialCoordinate(msh)
+    energy = nf.RegressionEnergy(field, abs(x[0] - 0.4) * ufl.sin(ufl.pi * x[1]), norm="H1")
+    flow = nf.NaturalGradientFlow(energy, nf.H1(field))
+    res = flow.run(15)
+    E = np.array([h["energy_before"] for h in res.history] + [res.energy])
+    assert np.all(np.diff(E) <= 0.0)
+    assert E[-1] < 0.5 * E[0]
+    a = res.column("alignment")
+    assert np.all((a >= 0) & (a <= 1))
+    assert len(res.history) == 15 and res.iterations == 15
+    for key in ("t_pde", "t_riesz", "t_ng", "t_network", "ksp_its", "eps", "gnorm"):
+        assert key in res.history[0]
+    flow.destroy()
+
+
+def test_alignment_is_one_when_gradient_is_in_tangent_space():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 6, 6)
+    field = nf.NeuralField(msh, FixedFeatures(seed=2))
+    # target = the model with other coefficients, as a FE function: u - f lies in T
+    other = nf.NeuralField(field.space, FixedFeatures(seed=2))
+    other.set_parameters(field.get_parameters() + 0.3)
+    f = fem.Function(field.space)
+    f.x.array[:] = other.function.x.array
+    energy = nf.RegressionEnergy(field, f, norm="H1", quadrature_degree=4)
+    flow = nf.NaturalGradientFlow(energy, nf.H1(field), eps=1e-12, eps_min=1e-14,
+                                  petsc_options={"ksp_rtol": 1e-14})
+    rec = flow.step()
+    assert rec["alignment"] == pytest.approx(1.0, abs=1e-6)
+    flow.destroy()
+
+
+def _run_flow(comm, steps=5):
+    msh = mesh.create_unit_square(comm, 8, 8)
+    torch.manual_seed(7)
+    field = nf.NeuralField(msh, nf.MLP(2, width=6, depth=1), element=("Lagrange", 2))
+    x = ufl.SpatialCoordinate(msh)
+    energy = nf.RegressionEnergy(field, abs(x[0] - 0.4) * ufl.sin(ufl.pi * x[1]), norm="H1")
+    flow = nf.NaturalGradientFlow(energy, nf.H1(field), petsc_options={"ksp_rtol": 1e-13})
+    iterates = []
+    for _ in range(steps):
+        flow.step()
+        iterates.append(field.get_parameters())
+    flow.destroy()
+    return np.array(iterates), np.array([h["energy"] for h in flow.history])
+
+
+def test_parallel_iterates_match_serial():
+    it_serial, E_serial = _run_flow(MPI.COMM_SELF)
+    it_world, E_world = _run_flow(MPI.COMM_WORLD)
+    np.testing.assert_allclose(it_world, it_serial, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(E_world, E_serial, rtol=1e-10)
+    # parameters are replicated identically on every rank
+    gathered = MPI.COMM_WORLD.allgather(it_world[-1])
+    for g in gathered:
+        np.testing.assert_array_equal(g, gathered[0])
+
+
+def test_state_dict_roundtrip_reproduces_the_next_step():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 6, 6)
+    torch.manual_seed(3)
+    field = nf.NeuralField(msh, nf.MLP(2, width=5, depth=1))
+    energy = nf.RegressionEnergy(field, target(msh), norm="L2")
+    flow = nf.NaturalGradientFlow(energy, nf.L2(field))
+    flow.run(3)
+    state = flow.state_dict()
+    flow.step()
+    ref = field.get_parameters()
+    flow.load_state_dict(state)
+    flow.step()
+    np.testing.assert_allclose(field.get_parameters(), ref, atol=1e-13)
+    assert len(flow.history) == 4
+
+
+def test_flow_input_validation():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 2, 2)
+    field = nf.NeuralField(msh, nf.MLP(2, width=2))
+    energy = nf.RegressionEnergy(field, target(msh))
+    with pytest.raises(TypeError, match="EnergyFunctional"):
+        nf.NaturalGradientFlow("not an energy")
+    with pytest.raises(ValueError, match="eps"):
+        nf.NaturalGradientFlow(energy, eps=-1.0)
+    with pytest.raises(ValueError, match="method"):
+        nf.NaturalGradientFlow(energy, method="cholesky")
+    with pytest.raises(ValueError, match="max_iter"):
+        nf.NaturalGradientFlow(energy).run(max_iter=-3)
+    other = nf.NeuralField(msh, nf.MLP(2, width=2))
+    with pytest.raises(ValueError, match="different field"):
+        nf.NaturalGradientFlow(energy, nf.L2(other))
+    with pytest.raises(ValueError, match="norm"):
+        nf.RegressionEnergy(field, target(msh), norm="H2")
+    bad = fem.Function(field.space)
+    bad.x.array[:] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        nf.RegressionEnergy(field, bad)
