@@ -11,7 +11,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(MPIRUN) -n $(NP) $(PY) demos/demo_poisson.py
+	$(MPIRUN) -n $(NP) $(PY) demos/demo_ritz_poisson.py
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

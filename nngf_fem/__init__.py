@@ -14,6 +14,8 @@ from nngf_fem.metrics import H1, L2, EnergyNorm, Euclidean, H1Seminorm, Metric
 from nngf_fem.gram import GramOperator, NaturalGradientSolver, dense_gram
 from nngf_fem.energies import EnergyFunctional, FunctionalEnergy, RegressionEnergy, RitzEnergy
 from nngf_fem.flow import FlowResult, NaturalGradientFlow
+from nngf_fem import baselines
+from nngf_fem.baselines import TorchOptimizerFlow
 
 __version__ = "0.1.0"
 
@@ -41,5 +43,7 @@ __all__ = [
     "ResMLP",
     "RitzEnergy",
     "SolverError",
+    "TorchOptimizerFlow",
+    "baselines",
     "dense_gram",
 ]

@@ -6,6 +6,7 @@ Docker image have no such module; their DOLFINx works without it.
 """
 
 import os
+import warnings
 
 try:  # pip wheel: must come first
     import dolfinx_solver  # noqa: F401
@@ -13,8 +14,12 @@ except ModuleNotFoundError as err:  # conda / Docker DOLFINx
     if err.name != "dolfinx_solver":
         raise
 
-import torch
 from mpi4py import MPI
+
+# torch 2.14 warns about its own internal use of torch.jit.script on import
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                        category=FutureWarning)
+import torch  # noqa: E402, I001
 
 
 def _configure_torch_threads() -> None:
