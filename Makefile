@@ -14,14 +14,14 @@ demo: setup
 	$(MPIRUN) -n $(NP) $(PY) demos/demo_ritz_poisson.py
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
-	$(MPIRUN) -n $(NP) $(PY) -m pytest -q -x $(PYTEST_ARGS)
+	timeout 1500 $(PY) -m pytest -q $(PYTEST_ARGS)
+	timeout 1500 $(MPIRUN) -n $(NP) $(PY) -m pytest -q -x $(PYTEST_ARGS)
 
 test-serial: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	timeout 1500 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-mpi: setup
-	$(MPIRUN) -n $(NP) $(PY) -m pytest -q -x $(PYTEST_ARGS)
+	timeout 1500 $(MPIRUN) -n $(NP) $(PY) -m pytest -q -x $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check nngf_fem tests demos benchmarks

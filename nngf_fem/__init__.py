@@ -16,12 +16,14 @@ from nngf_fem.energies import EnergyFunctional, FunctionalEnergy, RegressionEner
 from nngf_fem.flow import FlowResult, NaturalGradientFlow
 from nngf_fem import baselines
 from nngf_fem.baselines import TorchOptimizerFlow
+from nngf_fem.expansion import ExpansionPolicy, run_expansive
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
     "EnergyFunctional",
+    "ExpansionPolicy",
     "EnergyNorm",
     "Euclidean",
     "FlowDivergedError",
@@ -46,4 +48,5 @@ __all__ = [
     "TorchOptimizerFlow",
     "baselines",
     "dense_gram",
+    "run_expansive",
 ]

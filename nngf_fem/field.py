@@ -276,7 +276,11 @@ class NeuralField:
 
     def evaluate(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``u(x)`` for given parameters; ``x`` of shape ``(n, gdim)``, result ``(n, m)``."""
-        y = self._transform(functional_call(self.module, params, (self._inputs(x),)))
+        return self.post(functional_call(self.module, params, (self._inputs(x),)), x)
+
+    def post(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Map raw network outputs ``N(x)`` to field values ``lift + factor * T(N)``."""
+        y = self._transform(y)
         if self.factor is not None:
             f = self.factor(x)
             y = y * (f if f.ndim == 2 else f[:, None])
@@ -294,6 +298,15 @@ class NeuralField:
             return self.evaluate(params, xi[None, :])[0]
 
         return self.evaluate(params, x), vmap(jacrev(single))(x)
+
+    def output_sensitivity(self) -> np.ndarray:
+        """``du/dN`` at the owned points, shape ``(n_points, m)`` (chain rule of ``post``)."""
+        x = self._torch_points()
+        with torch.no_grad():
+            raw = self.module(self._inputs(x))
+        raw = raw.clone().requires_grad_(True)
+        (s,) = torch.autograd.grad(self.post(raw, x).sum(), raw)
+        return s.numpy().copy()
 
     def _torch_points(self) -> torch.Tensor:
         return torch.from_numpy(self._points_np)

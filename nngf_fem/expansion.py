@@ -1,0 +1,211 @@
+"""Residual-driven, function-preserving network expansion (METHOD.md section 4).
+
+When the tangent space ``T`` of the network cannot follow the Hilbert gradient ``g``
+(alignment ``||P_T g||_H / ||g||_H`` low), neurons are added to a hidden layer with
+zero outgoing weights, so the represented function is unchanged. Their tangent
+directions are ``n_c(x) = s(x) sigma(w_c . h(x) + beta_c)`` (``h`` the layer's input,
+``s = du/dN`` the output sensitivity). Among many random candidates ``(w_c, beta_c)``
+(drawn from a seeded generator, identical on all ranks), neurons are picked greedily
+by ``|<n_c, r>_H| / ||n_c||_H`` with the residual ``r = g - P_T g``, each candidate
+orthogonalized (in H) against the neurons already chosen -- an orthogonal matching
+pursuit that needs only the small matrices ``C = N^T A_H N`` and ``p = N^T A_H r``.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from nngf_fem.flow import NaturalGradientFlow
+from nngf_fem.mpi import allreduce_sum
+
+__all__ = ["ExpansionPolicy", "expand_width", "residual", "width_candidates"]
+
+
+def residual(flow: NaturalGradientFlow) -> dict[str, Any]:
+    """Hilbert gradient ``g``, its projection and the residual ``r = g + J d`` (owned rows).
+
+    Returns a dict with ``g``, ``r``, ``alignment`` and the direction info of the flow.
+    """
+    if flow.metric.needs_grad:
+        raise ValueError("expansion needs a FE-representation metric (representation='fe')")
+    info = flow.direction()
+    g = flow.metric.riesz(info["e"])
+    Jd = flow.field.linearize().jvp(info["d"])
+    return {"g": g, "r": g + Jd, "alignment": info["alignment"], "info": info}
+
+
+def _layer_input(field, layer: int) -> np.ndarray:
+    x = field._torch_points()
+    with torch.no_grad():
+        return field.module.features(field._inputs(x), layer).numpy()
+
+
+def width_candidates(field, layer: int, n_candidates: int, seed: int,
+                     scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Random candidate neurons ``(W (K, d_in), beta (K,))`` for hidden layer ``layer``.
+
+    Hyperplanes ``w . h + beta = 0`` pass through random points of the bounding box of
+    the layer inputs (global over ranks); ``|w|`` takes the given scales. The generator
+    is seeded, so all ranks draw the same candidates.
+    """
+    h = _layer_input(field, layer)
+    comm = field.comm
+    lo = h.min(axis=0) if h.shape[0] else np.full(h.shape[1], np.inf)
+    hi = h.max(axis=0) if h.shape[0] else np.full(h.shape[1], -np.inf)
+    comm.Allreduce(MPI.IN_PLACE, lo, op=MPI.MIN)
+    comm.Allreduce(MPI.IN_PLACE, hi, op=MPI.MAX)
+    gen = np.random.default_rng(seed)
+    d = h.shape[1]
+    W = gen.standard_normal((n_candidates, d))
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    W *= np.asarray(scales)[gen.integers(0, len(scales), n_candidates)][:, None]
+    centers = lo + (hi - lo) * gen.random((n_candidates, d))
+    beta = -np.einsum("kd,kd->k", W, centers)
+    return W, beta
+
+
+def _candidate_directions(field, layer: int, W: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """Tangent directions ``n_c`` at the owned points, shape ``(n_local, K)``."""
+    h = torch.from_numpy(_layer_input(field, layer))
+    act = field.module.activation(h @ torch.from_numpy(W).T + torch.from_numpy(beta))
+    s = field.output_sensitivity()[:, 0]
+    return (s[:, None] * act.numpy())
+
+
+def select_neurons(field, metric, r: np.ndarray, layer: int, k: int, n_candidates: int = 256,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Greedy H-orthogonalized selection of ``k`` neurons capturing the residual ``r``.
+
+    Returns the chosen ``(W, beta)`` and the captured fraction ``|<q_i, r>| / ||r||`` of
+    each pick (``q_i`` the orthonormalized directions).
+    """
+    W, beta = width_candidates(field, layer, n_candidates, seed)
+    N = _candidate_directions(field, layer, W, beta)
+    AN = np.column_stack([metric.apply(N[:, j]) for j in range(N.shape[1])])
+    C = allreduce_sum(field.comm, N.T @ AN)
+    p = allreduce_sum(field.comm, AN.T @ r)
+    rnorm = np.sqrt(max(field.comm.allreduce(float(r @ metric.apply(r))), 1e-300))
+    chosen: list[int] = []
+    captured: list[float] = []
+    Q = np.zeros((len(p), 0))  # coefficients of orthonormal q_i in the candidate basis
+    for _ in range(k):
+        # <n_c, q_i> for all c, projections removed
+        proj = C @ Q  # (K, i)
+        num = p - proj @ (Q.T @ p)
+        den2 = np.diag(C) - np.einsum("ki,ki->k", proj, proj)
+        den2[chosen] = 0.0
+        score = np.where(den2 > 1e-12 * np.diag(C).max(), np.abs(num) / np.sqrt(
+            np.maximum(den2, 1e-300)), -1.0)
+        c = int(np.argmax(score))
+        if score[c] <= 0:
+            break
+        chosen.append(c)
+        captured.append(float(score[c] / rnorm))
+        q = np.zeros(len(p))
+        q[c] = 1.0
+        q -= Q @ (proj[c])  # Gram-Schmidt in coefficient space
+        q /= np.sqrt(q @ C @ q)
+        Q = np.column_stack([Q, q])
+    return W[chosen], beta[chosen], captured
+
+
+def expand_width(module: nn.Module, layer: int, W: np.ndarray, beta: np.ndarray) -> None:
+    """Add neurons ``(W, beta)`` to hidden layer ``layer`` with zero outgoing weights (in place).
+
+    The module must follow the growth protocol of :mod:`nngf_fem.models`.
+    """
+    old = module.hidden_layers[layer]
+    k = W.shape[0]
+    dtype = old.weight.dtype
+    new = nn.Linear(old.in_features, old.out_features + k, dtype=dtype)
+    nxt_old = (module.hidden_layers[layer + 1] if layer + 1 < len(module.hidden_layers)
+               else module.output_layer)
+    nxt = nn.Linear(nxt_old.in_features + k, nxt_old.out_features, dtype=dtype,
+                    bias=nxt_old.bias is not None)
+    with torch.no_grad():
+        new.weight[: old.out_features] = old.weight
+        new.bias[: old.out_features] = old.bias
+        new.weight[old.out_features :] = torch.from_numpy(W)
+        new.bias[old.out_features :] = torch.from_numpy(beta)
+        nxt.weight.zero_()
+        nxt.weight[:, : nxt_old.in_features] = nxt_old.weight
+        if nxt_old.bias is not None:
+            nxt.bias.copy_(nxt_old.bias)
+    module.hidden_layers[layer] = new
+    if layer + 1 < len(module.hidden_layers):
+        module.hidden_layers[layer + 1] = nxt
+    else:
+        module.output_layer = nxt
+
+
+@dataclass
+class ExpansionPolicy:
+    """When and how to grow.
+
+    Args:
+        threshold: grow when the alignment stays below this value ...
+        patience: ... for this many consecutive accepted steps.
+        neurons: neurons added per expansion.
+        layer: hidden layer to grow (default: the last).
+        max_params: never grow beyond this many parameters.
+        n_candidates: random candidates per expansion.
+        seed: base seed of the candidates (the expansion count is added).
+    """
+
+    threshold: float = 0.5
+    patience: int = 3
+    neurons: int = 2
+    layer: int = -1
+    max_params: int = 10_000
+    n_candidates: int = 256
+    seed: int = 0
+
+    def should_expand(self, flow: NaturalGradientFlow) -> bool:
+        """True when the last ``patience`` steps all had alignment below the threshold."""
+        hist = [h for h in flow.history if h.get("kind") is None][-self.patience :]
+        since = [h for h in hist if h["iteration"] > getattr(flow, "_last_expansion", -1)]
+        return (len(since) == self.patience and all(h["alignment"] < self.threshold for h in since)
+                and flow.field.num_params < self.max_params)
+
+    def expand(self, flow: NaturalGradientFlow) -> dict[str, Any]:
+        """Grow the flow's network once; returns the expansion record (also in the history)."""
+        field, module = flow.field, flow.field.module
+        if field.value_size != 1:
+            raise ValueError("width expansion currently supports scalar fields (value size 1)")
+        layer = self.layer % len(module.hidden_layers)
+        before = residual(flow)
+        n_exp = len(getattr(flow, "expansions", []))
+        W, beta, captured = select_neurons(field, flow.metric, before["r"], layer, self.neurons,
+                                           self.n_candidates, self.seed + 1000 * n_exp)
+        p0 = field.num_params
+        vals0 = field.values()
+        expand_width(module, layer, W, beta)
+        field.update()
+        change = float(np.max(np.abs(field.values() - vals0))) if vals0.size else 0.0
+        flow.reset_cache()
+        flow.eps = max(flow.eps, flow.eps_min)
+        after = flow.direction()
+        rec = {"iteration": flow.iteration, "kind": "width", "layer": layer,
+               "params_before": p0, "params_after": field.num_params,
+               "alignment_before": before["alignment"], "alignment_after": after["alignment"],
+               "energy": flow.energy.value(), "captured": captured, "max_value_change": change}
+        flow.expansions = [*getattr(flow, "expansions", []), rec]
+        flow._last_expansion = flow.iteration
+        flow.history.append(dict(rec))
+        return rec
+
+
+def run_expansive(flow: NaturalGradientFlow, policy: ExpansionPolicy, max_iter: int = 100,
+                  **run_kwargs: Any):
+    """Run the flow, growing the network whenever ``policy.should_expand`` says so."""
+
+    def callback(fl, rec):
+        if policy.should_expand(fl):
+            policy.expand(fl)
+        return False
+
+    return flow.run(max_iter, callback=callback, **run_kwargs)
