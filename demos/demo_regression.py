@@ -26,6 +26,8 @@ parser.add_argument("--width", type=int, default=16)
 parser.add_argument("--iterations", type=int, default=40, help="iterations of every method")
 parser.add_argument("--adam-lr", type=float, default=1e-2)
 parser.add_argument("--methods", default="H1,L2,Euclidean,Adam,LBFGS")
+parser.add_argument("--expand", action="store_true",
+                    help="also run the expansive H1 flow starting from 2 neurons")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", default="out_regression")
 args = parser.parse_args()
@@ -38,13 +40,22 @@ f = abs(x[0] - 0.4) * ufl.sin(ufl.pi * x[1])
 
 def run(method: str) -> dict:
     torch.manual_seed(args.seed)
-    u = nf.NeuralField(msh, nf.MLP(2, width=args.width, depth=1), element=("Lagrange", 2))
+    width = 2 if method == "H1-expand" else args.width
+    u = nf.NeuralField(msh, nf.MLP(2, width=width, depth=1), element=("Lagrange", 2))
     energy = nf.RegressionEnergy(u, f, norm="H1", quadrature_degree=6)
     t0 = time.perf_counter()
     if method in ("H1", "L2", "Euclidean"):
         metric = {"H1": nf.H1, "L2": nf.L2, "Euclidean": nf.Euclidean}[method](u)
         solver = nf.NaturalGradientFlow(energy, metric, petsc_options_prefix=f"ng_{method}_")
         res = solver.run(args.iterations)
+        metric.destroy()
+    elif method == "H1-expand":
+        metric = nf.H1(u)
+        solver = nf.NaturalGradientFlow(energy, metric, petsc_options_prefix="ng_expand_")
+        policy = nf.ExpansionPolicy(threshold=0.5, patience=2, neurons=2,
+                                    max_params=4 * args.width + 1)
+        res = nf.run_expansive(solver, policy, args.iterations)
+        res.iterations = solver.iteration
         metric.destroy()
     else:
         opts = {"lr": args.adam_lr} if method == "Adam" else {}
@@ -53,16 +64,19 @@ def run(method: str) -> dict:
     wall = time.perf_counter() - t0
     E = energy.value()
     return {"method": method, "h1_error": float(np.sqrt(2 * E)), "iterations": res.iterations,
+            "params": u.num_params,
             "wall": wall, "energies": [h["energy"] for h in res.history]}
 
 
-results = [run(m) for m in args.methods.split(",")]
+methods = args.methods.split(",") + (["H1-expand"] if args.expand else [])
+results = [run(m) for m in methods]
 if comm.rank == 0:
     print(f"\nH1 regression of |x-0.4| sin(pi y), P2 on {args.n}x{args.n}, network 2-{args.width}-1, "
           f"{comm.size} rank(s)")
-    print(f"{'method':<12}{'H1 error':>12}{'iterations':>12}{'wall [s]':>10}")
+    print(f"{'method':<12}{'H1 error':>12}{'iterations':>12}{'params':>8}{'wall [s]':>10}")
     for r in results:
-        print(f"{r['method']:<12}{r['h1_error']:>12.4e}{r['iterations']:>12d}{r['wall']:>10.2f}")
+        print(f"{r['method']:<12}{r['h1_error']:>12.4e}{r['iterations']:>12d}{r['params']:>8d}"
+              f"{r['wall']:>10.2f}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "results.json.tmp"

@@ -14,7 +14,7 @@ CASES = {
     "demo_ritz_poisson.py": ["--n", "6", "--degree", "3", "--width", "16", "--iterations", "20",
                              "--tol", "1e-3", "--quiet"],
     "demo_regression.py": ["--n", "8", "--width", "8", "--iterations", "10",
-                           "--methods", "H1,Euclidean,Adam,LBFGS"],
+                           "--methods", "H1,Euclidean,Adam,LBFGS", "--expand"],
 }
 
 
