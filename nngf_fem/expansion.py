@@ -22,7 +22,8 @@ from torch import nn
 from nngf_fem.flow import NaturalGradientFlow
 from nngf_fem.mpi import allreduce_sum
 
-__all__ = ["ExpansionPolicy", "expand_width", "residual", "width_candidates"]
+__all__ = ["ExpansionPolicy", "expand_depth", "expand_width", "residual", "run_expansive",
+           "select_neurons", "width_candidates"]
 
 
 def residual(flow: NaturalGradientFlow) -> dict[str, Any]:
@@ -138,8 +139,42 @@ def expand_width(module: nn.Module, layer: int, W: np.ndarray, beta: np.ndarray)
     module.hidden_layers[layer] = new
     if layer + 1 < len(module.hidden_layers):
         module.hidden_layers[layer + 1] = nxt
-    else:
-        module.output_layer = nxt
+        return
+    module.output_layer = nxt
+    # residual blocks after the last hidden layer: new stream components pass through
+    for block in getattr(module, "blocks", []):
+        inner, outer = block.inner, block.outer
+        new_inner = nn.Linear(inner.in_features + k, inner.out_features, dtype=dtype)
+        new_outer = nn.Linear(outer.in_features, outer.out_features + k, bias=False, dtype=dtype)
+        with torch.no_grad():
+            new_inner.weight.zero_()
+            new_inner.weight[:, : inner.in_features] = inner.weight
+            new_inner.bias.copy_(inner.bias)
+            new_outer.weight.zero_()
+            new_outer.weight[: outer.out_features] = outer.weight
+        block.inner, block.outer = new_inner, new_outer
+
+
+def expand_depth(module: nn.Module, W: np.ndarray, beta: np.ndarray) -> None:
+    """Append an identity-initialized residual block ``h + V s(W h + beta)``, ``V = 0``.
+
+    ``W`` has shape ``(k, d)`` with ``d`` the width of the output layer's input.
+    """
+    from nngf_fem.models import ResidualBlock
+
+    if not hasattr(module, "blocks"):
+        raise TypeError(f"{type(module).__name__} has no 'blocks' list: depth growth unsupported")
+    dim = module.output_layer.in_features
+    k = W.shape[0]
+    if W.shape != (k, dim):
+        raise ValueError(f"W must have shape (k, {dim}), got {W.shape}")
+    dtype = module.output_layer.weight.dtype
+    block = ResidualBlock(dim, k, module.activation, dtype)
+    with torch.no_grad():
+        block.inner.weight.copy_(torch.from_numpy(W))
+        block.inner.bias.copy_(torch.from_numpy(beta))
+        block.outer.weight.zero_()
+    module.blocks.append(block)
 
 
 @dataclass
@@ -163,33 +198,56 @@ class ExpansionPolicy:
     max_params: int = 10_000
     n_candidates: int = 256
     seed: int = 0
+    kinds: tuple[str, ...] = ("width",)
+    stall: float = 0.0
+
+    def __post_init__(self):
+        for kind in self.kinds:
+            if kind not in ("width", "depth"):
+                raise ValueError(f"expansion kind {kind!r} is not known; allowed: 'width', 'depth'")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.patience < 1 or self.neurons < 1:
+            raise ValueError("patience and neurons must be positive integers")
 
     def should_expand(self, flow: NaturalGradientFlow) -> bool:
-        """True when the last ``patience`` steps all had alignment below the threshold."""
-        hist = [h for h in flow.history if h.get("kind") is None][-self.patience :]
-        since = [h for h in hist if h["iteration"] > getattr(flow, "_last_expansion", -1)]
-        return (len(since) == self.patience and all(h["alignment"] < self.threshold for h in since)
-                and flow.field.num_params < self.max_params)
+        """True when, over the last ``patience`` steps since the last expansion, the
+        alignment stayed below ``threshold`` or (``stall > 0``) the energy decreased by
+        less than the relative amount ``stall``."""
+        last = getattr(flow, "_last_expansion", -1)
+        steps = [h for h in flow.history if h.get("kind") is None and h["iteration"] > last]
+        steps = steps[-self.patience :]
+        if len(steps) < self.patience or flow.field.num_params >= self.max_params:
+            return False
+        low = all(h["alignment"] < self.threshold for h in steps)
+        E0, E1 = steps[0]["energy_before"], steps[-1]["energy"]
+        stalled = self.stall > 0 and (E0 - E1) <= self.stall * max(abs(E0), 1e-300)
+        return low or stalled
 
     def expand(self, flow: NaturalGradientFlow) -> dict[str, Any]:
         """Grow the flow's network once; returns the expansion record (also in the history)."""
         field, module = flow.field, flow.field.module
         if field.value_size != 1:
-            raise ValueError("width expansion currently supports scalar fields (value size 1)")
-        layer = self.layer % len(module.hidden_layers)
-        before = residual(flow)
+            raise ValueError("expansion currently supports scalar fields (value size 1)")
         n_exp = len(getattr(flow, "expansions", []))
+        kind = self.kinds[n_exp % len(self.kinds)]
+        layer = (self.layer % len(module.hidden_layers) if kind == "width"
+                 else len(module.hidden_layers))
+        before = residual(flow)
         W, beta, captured = select_neurons(field, flow.metric, before["r"], layer, self.neurons,
                                            self.n_candidates, self.seed + 1000 * n_exp)
         p0 = field.num_params
         vals0 = field.values()
-        expand_width(module, layer, W, beta)
+        if kind == "width":
+            expand_width(module, layer, W, beta)
+        else:
+            expand_depth(module, W, beta)
         field.update()
         change = float(np.max(np.abs(field.values() - vals0))) if vals0.size else 0.0
         flow.reset_cache()
         flow.eps = max(flow.eps, flow.eps_min)
         after = flow.direction()
-        rec = {"iteration": flow.iteration, "kind": "width", "layer": layer,
+        rec = {"iteration": flow.iteration, "kind": kind, "layer": layer,
                "params_before": p0, "params_after": field.num_params,
                "alignment_before": before["alignment"], "alignment_after": after["alignment"],
                "energy": flow.energy.value(), "captured": captured, "max_value_change": change}

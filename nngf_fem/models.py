@@ -5,7 +5,10 @@ Growth protocol (see :mod:`nngf_fem.expansion`): a growable module exposes
 * ``hidden_layers`` -- the list of ``nn.Linear`` layers whose outputs are hidden
   activations, and ``output_layer`` -- the final ``nn.Linear``;
 * ``features(x, upto)`` -- the input of hidden layer ``upto`` (i.e. the previous
-  layer's activation, or ``x`` itself for ``upto == 0``);
+  layer's activation, or ``x`` itself for ``upto == 0``); ``upto = len(hidden_layers)``
+  gives the input of the output layer (after the residual blocks);
+* ``blocks`` -- a ``ModuleList`` of :class:`ResidualBlock` applied after the last
+  hidden layer (depth growth appends identity-initialized blocks here);
 * ``activation`` -- the elementwise nonlinearity.
 
 :class:`MLP` and :class:`ResMLP` implement it; a user module that does too can be
@@ -15,7 +18,7 @@ grown by the library.
 import torch
 from torch import nn
 
-__all__ = ["MLP", "ResMLP", "get_activation"]
+__all__ = ["MLP", "ResMLP", "ResidualBlock", "get_activation"]
 
 _ACTIVATIONS = {
     "tanh": torch.tanh,
@@ -76,6 +79,7 @@ class MLP(nn.Module):
             nn.Linear(dims[i], dims[i + 1], dtype=dtype) for i in range(len(widths))
         )
         self.output_layer = nn.Linear(dims[-1], out_dim, dtype=dtype)
+        self.blocks = nn.ModuleList()  # residual blocks inserted by depth growth
 
     @property
     def widths(self) -> list[int]:
@@ -87,6 +91,9 @@ class MLP(nn.Module):
         h = x
         for layer in self.hidden_layers[:upto]:
             h = self.activation(layer(h))
+        if upto == len(self.hidden_layers):
+            for block in self.blocks:
+                h = block(h)
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

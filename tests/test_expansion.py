@@ -89,3 +89,41 @@ def test_expand_width_on_inner_layer_is_function_preserving():
     expand_width(net, 0, np.random.default_rng(0).standard_normal((2, 2)), np.zeros(2))
     assert net.widths == [6, 3]
     torch.testing.assert_close(net(x).detach(), y0, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("model", ["mlp", "resmlp"])
+def test_depth_then_width_growth_is_function_preserving(model):
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 6, 6)
+    torch.manual_seed(2)
+    net = nf.MLP(2, width=3, depth=1) if model == "mlp" else nf.ResMLP(2, width=3, depth=1)
+    u = nf.NeuralField(msh, net, element=("Lagrange", 2))
+    x = ufl.SpatialCoordinate(msh)
+    energy = nf.RegressionEnergy(u, ufl.sin(3 * x[0]) * x[1], norm="H1", quadrature_degree=4)
+    flow = nf.NaturalGradientFlow(energy, nf.H1(u), eps=1e-10, eps_min=1e-12,
+                                  petsc_options={"ksp_rtol": 1e-14, "ksp_max_it": 3000})
+    flow.run(2)
+    policy = ExpansionPolicy(neurons=2, n_candidates=64, kinds=("depth", "width"))
+    for expected in ("depth", "width"):
+        vals = u.values()
+        rec = policy.expand(flow)
+        assert rec["kind"] == expected
+        np.testing.assert_allclose(u.values(), vals, rtol=0, atol=1e-14)
+        assert rec["alignment_after"] >= rec["alignment_before"] - 1e-10
+    assert len(net.blocks) == (1 if model == "mlp" else 2)
+    E = energy.value()
+    flow.run(2)
+    assert energy.value() <= E
+
+
+def test_policy_triggers_and_validation():
+    with pytest.raises(ValueError, match="kind"):
+        ExpansionPolicy(kinds=("height",))
+    u, energy, flow = setup(width=2)
+    flow.eps = 1e-6
+    policy = ExpansionPolicy(threshold=0.0, patience=2, stall=1.0)  # stall always true
+    flow.run(1)
+    assert not policy.should_expand(flow)
+    flow.run(1)
+    assert policy.should_expand(flow)
+    policy.expand(flow)
+    assert not policy.should_expand(flow)  # patience counts from the expansion
