@@ -25,6 +25,7 @@ import numpy as np
 import ufl
 from dolfinx import fem
 from dolfinx.fem.petsc import assemble_matrix
+from dolfinx.fem.petsc import create_vector as create_petsc_vector
 from petsc4py import PETSc
 
 from nngf_fem.field import NeuralField
@@ -218,12 +219,21 @@ class L2(Metric):
 
 
 class H1(Metric):
-    """``<u, v> = alpha int u . v dx + beta int grad u : grad v dx`` (defaults 1, 1)."""
+    """``<u, v> = alpha int u . v dx + beta int grad u : grad v dx`` (defaults 1, 1).
+
+    For a quadrature field the Gram metric uses the quadrature weights on values and
+    torch x-derivatives; its Riesz map is computed in the Lagrange space of degree
+    ``riesz_degree``: a dual vector ``e`` on the quadrature points defines
+    ``e_h(v) = sum_q e_q v(x_q)`` on that space, ``g_h`` solves
+    ``(g_h, v)_H1 = e_h(v)``, and :meth:`riesz` returns ``g_h`` at the quadrature
+    points (so ``e . g = ||e_h||^2_{H1'}``).
+    """
 
     name = "H1"
     with_grad = True
 
     def __init__(self, field: NeuralField, alpha: float = 1.0, beta: float = 1.0, *,
+                 riesz_degree: int = 2,
                  petsc_options_prefix: str = "nngf_riesz_",
                  petsc_options: Mapping[str, Any] | None = None):
         super().__init__(field, petsc_options_prefix=petsc_options_prefix,
@@ -240,15 +250,57 @@ class H1(Metric):
             wv = np.repeat(field.weights, m)
             wg = np.repeat(field.weights, m * d)
             self._w = np.concatenate([self.alpha * wv, self.beta * wg])
+            self._setup_fe_riesz(riesz_degree)
+
+    def _setup_fe_riesz(self, degree: int) -> None:
+        field = self.field
+        shape = () if field.value_size == 1 else (field.value_size,)
+        self.riesz_space = fem.functionspace(field.mesh, ("Lagrange", degree, shape))
+        u, v = ufl.TrialFunction(self.riesz_space), ufl.TestFunction(self.riesz_space)
+        self._Ah = assemble_matrix(fem.form(
+            (self.alpha * ufl.inner(u, v) + self.beta * ufl.inner(ufl.grad(u), ufl.grad(v)))
+            * ufl.dx))
+        self._Ah.assemble()
+        self._density = fem.Function(field.space)  # e_q / (w_q |det J_q|)
+        dxq = ufl.dx(metadata={"quadrature_degree": field.quadrature_degree})
+        self._Lh = fem.form(ufl.inner(self._density, v) * dxq)
+        self._gh = fem.Function(self.riesz_space)
+        self._eh = create_petsc_vector(self.riesz_space)  # ghosted: assembly adds to ghosts
+        tdim = field.mesh.topology.dim
+        self._cells = np.arange(field.mesh.topology.index_map(tdim).size_local, dtype=np.int32)
+        self._gh_expr = fem.Expression(self._gh, field.quadrature_points_ref)
 
     def _quadrature_weights(self) -> np.ndarray:
         return self._w
 
     def _quadrature_riesz(self, e: np.ndarray) -> np.ndarray:
-        raise NotImplementedError(
-            "the H1 Riesz map needs a FE space: use representation='fe' for the Hilbert "
-            "gradient (the quadrature H1 Gram operator itself is available)"
-        )
+        from dolfinx.fem.petsc import assemble_vector as petsc_assemble_vector
+        from petsc4py import PETSc as _P
+
+        field = self.field
+        if self._solver is None:
+            self._solver = KrylovSolver(self._Ah, petsc_options_prefix=self.prefix,
+                                        petsc_options=self.petsc_options,
+                                        defaults=RIESZ_DEFAULTS)
+        field.write(e[: field.local_size] / np.repeat(field.weights, field.value_size),
+                    self._density)
+        with self._eh.localForm() as loc:
+            loc.set(0.0)
+        petsc_assemble_vector(self._eh, self._Lh)
+        self._eh.ghostUpdate(addv=_P.InsertMode.ADD, mode=_P.ScatterMode.REVERSE)
+        self._gh.x.petsc_vec.set(0.0)
+        self.riesz_iterations = self._solver.solve(self._eh, self._gh.x.petsc_vec)
+        self._gh.x.scatter_forward()
+        return self._gh_expr.eval(field.mesh, self._cells).reshape(-1)
+
+    def destroy(self) -> None:
+        """Destroy the PETSc objects (including the quadrature Riesz space's)."""
+        super().destroy()
+        for name in ("_Ah", "_eh"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.destroy()
+                setattr(self, name, None)
 
 
 class EnergyNorm(Metric):

@@ -151,10 +151,20 @@ def test_riesz_map_represents_the_dual_vector(rep, kind, rng):
     metric.destroy()
 
 
-def test_quadrature_h1_riesz_is_not_silently_wrong():
-    field = make_field(MPI.COMM_WORLD, "quadrature")
-    with pytest.raises(NotImplementedError, match="representation='fe'"):
-        nf.H1(field).riesz(np.ones(field.local_size))
+def test_quadrature_h1_riesz_recovers_known_representer():
+    """e(v) = int phi v with phi = (2 pi^2 + 1) psi, psi = cos(pi x) cos(pi y): g = psi."""
+    field = make_field(MPI.COMM_WORLD, "quadrature", n=16, quadrature_degree=4)
+    metric = nf.H1(field, riesz_degree=2)
+    X = field.points
+    psi = np.cos(np.pi * X[:, 0]) * np.cos(np.pi * X[:, 1])
+    e = field.weights * (2 * np.pi**2 + 1) * psi
+    g = metric.riesz(e)
+    assert g.shape == (field.local_size,)
+    err = MPI.COMM_WORLD.allreduce(float(np.max(np.abs(g - psi))), op=MPI.MAX)
+    assert err < 5e-3
+    # ||g||_H1^2 = e . g = ||psi||_H1^2 = 1/4 + pi^2/2 (up to discretization)
+    assert metric.dual_norm_squared(e, g) == pytest.approx(0.25 + np.pi**2 / 2, rel=1e-3)
+    metric.destroy()
 
 
 class FixedFeatures(torch.nn.Module):
