@@ -17,6 +17,7 @@ from nngf_fem.flow import FlowResult, NaturalGradientFlow
 from nngf_fem import baselines
 from nngf_fem.baselines import TorchOptimizerFlow
 from nngf_fem.expansion import ExpansionPolicy, run_expansive
+from nngf_fem.checkpoint import load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 
@@ -48,5 +49,7 @@ __all__ = [
     "TorchOptimizerFlow",
     "baselines",
     "dense_gram",
+    "load_checkpoint",
     "run_expansive",
+    "save_checkpoint",
 ]

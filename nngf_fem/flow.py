@@ -239,13 +239,19 @@ class NaturalGradientFlow:
         target_energy: float | None = None,
         callback: Callable[["NaturalGradientFlow", dict], bool | None] | None = None,
         progress: bool = False,
+        checkpoint: str | None = None,
+        checkpoint_every: int = 10,
     ) -> FlowResult:
-        """Run up to ``max_iter`` steps.
+        """Run until ``max_iter`` iterations in total (a resumed flow continues its count).
 
         Stops when ``||g||_H <= gtol``, ``||g||_H <= rtol ||g_0||_H``, the relative
         energy decrease of an accepted step is below ``etol``, the energy reaches
-        ``target_energy``, or ``callback(flow, record)`` returns True.
+        ``target_energy``, or ``callback(flow, record)`` returns True. With
+        ``checkpoint`` a file is written atomically every ``checkpoint_every``
+        iterations and at the end (see :mod:`nngf_fem.checkpoint`).
         """
+        from nngf_fem.checkpoint import save_checkpoint
+
         if not isinstance(max_iter, int) or max_iter < 0:
             raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
         bar = None
@@ -253,13 +259,13 @@ class NaturalGradientFlow:
             try:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=max_iter, desc="nngf", leave=False)
+                bar = tqdm(total=max_iter, initial=self.iteration, desc="nngf", leave=False)
             except ImportError:  # pragma: no cover
                 bar = None
         g0 = self.history[0]["gnorm"] if self.history else None
         reason, converged = "max_iter", False
         try:
-            for _ in range(max_iter):
+            while self.iteration < max_iter:
                 rec = self.step()
                 g0 = rec["gnorm"] if g0 is None else g0
                 if bar is not None:
@@ -280,6 +286,10 @@ class NaturalGradientFlow:
                 if callback is not None and callback(self, rec):
                     reason, converged = "callback", True
                     break
+                if checkpoint and self.iteration % checkpoint_every == 0:
+                    save_checkpoint(checkpoint, self)
+            if checkpoint:
+                save_checkpoint(checkpoint, self)
         finally:
             if bar is not None:
                 bar.close()

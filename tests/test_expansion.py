@@ -41,7 +41,7 @@ def test_expansion_preserves_function_and_raises_alignment():
         np.testing.assert_array_equal(other, theta)
     # the flow continues with the grown network
     E0 = energy.value()
-    flow.run(2)
+    flow.run(flow.iteration + 2)
     assert energy.value() <= E0
 
 
@@ -111,7 +111,7 @@ def test_depth_then_width_growth_is_function_preserving(model):
         assert rec["alignment_after"] >= rec["alignment_before"] - 1e-10
     assert len(net.blocks) == (1 if model == "mlp" else 2)
     E = energy.value()
-    flow.run(2)
+    flow.run(flow.iteration + 2)
     assert energy.value() <= E
 
 
@@ -123,7 +123,7 @@ def test_policy_triggers_and_validation():
     policy = ExpansionPolicy(threshold=0.0, patience=2, stall=1.0)  # stall always true
     flow.run(1)
     assert not policy.should_expand(flow)
-    flow.run(1)
+    flow.run(flow.iteration + 1)
     assert policy.should_expand(flow)
     policy.expand(flow)
     assert not policy.should_expand(flow)  # patience counts from the expansion

@@ -171,3 +171,49 @@ def test_flow_input_validation():
     bad.x.array[:] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         nf.RegressionEnergy(field, bad)
+
+
+def _checkpoint_setup(expand):
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 6, 6)
+    torch.manual_seed(4)
+    field = nf.NeuralField(msh, nf.MLP(2, width=2, depth=1), element=("Lagrange", 2))
+    x = ufl.SpatialCoordinate(msh)
+    energy = nf.RegressionEnergy(field, abs(x[0] - 0.4) * ufl.sin(ufl.pi * x[1]), norm="H1")
+    flow = nf.NaturalGradientFlow(energy, nf.H1(field), petsc_options={"ksp_rtol": 1e-13})
+    policy = nf.ExpansionPolicy(threshold=0.9, patience=2, neurons=2, n_candidates=64)
+    def callback(fl, rec):
+        if expand and policy.should_expand(fl):
+            policy.expand(fl)
+
+    return field, flow, callback
+
+
+@pytest.mark.parametrize("expand", [False, True])
+def test_checkpoint_resume_reproduces_uninterrupted_run(tempdir, expand):
+    field, flow, cb = _checkpoint_setup(expand)
+    flow.run(8, callback=cb)
+    ref = field.get_parameters()
+    # interrupted after 4 iterations, resumed in fresh objects
+    field, flow, cb = _checkpoint_setup(expand)
+    ckpt = tempdir / "ckpt.pt"
+    flow.run(4, callback=cb, checkpoint=str(ckpt), checkpoint_every=2)
+    field, flow, cb = _checkpoint_setup(expand)
+    nf.load_checkpoint(ckpt, flow)
+    assert flow.iteration == 4
+    flow.run(8, callback=cb)
+    assert field.get_parameters().shape == ref.shape
+    np.testing.assert_allclose(field.get_parameters(), ref, rtol=0, atol=1e-12)
+    if expand:
+        assert any(h.get("kind") for h in flow.history)
+
+
+def test_checkpoint_errors_are_clear(tempdir):
+    field, flow, _ = _checkpoint_setup(False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        nf.load_checkpoint(tempdir / "missing.pt", flow)
+    bad = tempdir / "bad.pt"
+    if MPI.COMM_WORLD.rank == 0:
+        bad.write_bytes(b"not a checkpoint")
+    MPI.COMM_WORLD.Barrier()
+    with pytest.raises(ValueError, match="checkpoint"):
+        nf.load_checkpoint(bad, flow)
