@@ -29,6 +29,8 @@ parser.add_argument("--width", type=int, default=32, help="hidden neurons")
 parser.add_argument("--iterations", type=int, default=60)
 parser.add_argument("--tol", type=float, default=1e-5, help="asserted relative L2 error")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--method", default="krylov", choices=["krylov", "dense"],
+                    help="natural-gradient solve: matrix-free PETSc KSP or dense")
 parser.add_argument("--out", default="out_ritz_poisson", help="output folder")
 parser.add_argument("--quiet", action="store_true")
 args = parser.parse_args()
@@ -53,7 +55,7 @@ energy = nf.RitzEnergy(u, a=lambda w, v: ufl.inner(ufl.grad(w), ufl.grad(v)) * u
 msh.topology.create_connectivity(1, 2)
 boundary = fem.locate_dofs_topological(u.space, 1, mesh.exterior_facet_indices(msh.topology))
 metric = nf.H1Seminorm(u, bcs=[fem.dirichletbc(0.0, boundary, u.space)])
-flow = nf.NaturalGradientFlow(energy, metric, eps=1e-4)
+flow = nf.NaturalGradientFlow(energy, metric, eps=1e-4, method=args.method)
 
 err_form = fem.form((u.ufl - u_exact) ** 2 * ufl.dx(degree=2 * args.degree + 2))
 ref = np.sqrt(comm.allreduce(fem.assemble_scalar(fem.form(u_exact**2 * ufl.dx(degree=8)))))

@@ -31,7 +31,7 @@ import ufl
 from dolfinx import fem
 from dolfinx import mesh as dmesh
 from mpi4py import MPI
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call, jacfwd, jacrev, vmap
 
 from nngf_fem.mpi import allreduce_sum, raise_on_any
 
@@ -371,7 +371,8 @@ class NeuralField:
                 return torch.cat([v.reshape(-1), g.reshape(-1)])
             return self.evaluate(p, x).reshape(-1)
 
-        jac = jacrev(f)(params)
+        rows = self.local_size * (1 + (self.gdim if with_grad else 0))
+        jac = (jacfwd if self.num_params < rows else jacrev)(f)(params)
         return torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in params], dim=1).numpy()
 
 
