@@ -14,6 +14,7 @@ demo: setup
 	$(MPIRUN) -n $(NP) $(PY) demos/demo_ritz_poisson.py
 
 test: setup
+	$(VENV)/bin/ruff check nngf_fem tests demos
 	timeout 1500 $(PY) -m pytest -q $(PYTEST_ARGS)
 	timeout 1500 $(MPIRUN) -n $(NP) $(PY) -m pytest -q -x $(PYTEST_ARGS)
 
@@ -24,7 +25,7 @@ test-mpi: setup
 	timeout 1500 $(MPIRUN) -n $(NP) $(PY) -m pytest -q -x $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check nngf_fem tests demos benchmarks
+	$(VENV)/bin/ruff check nngf_fem tests demos
 
 clean:
 	rm -rf out_* .pytest_cache

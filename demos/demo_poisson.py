@@ -7,8 +7,6 @@
 
 import argparse
 
-import nngf_fem  # noqa: F401  (load order for the pip DOLFINx wheel)
-
 import numpy as np
 import ufl
 from dolfinx import fem, mesh
@@ -16,6 +14,7 @@ from dolfinx.fem.petsc import apply_lifting, assemble_matrix, assemble_vector, s
 from mpi4py import MPI
 from petsc4py import PETSc
 
+import nngf_fem  # noqa: F401  (load order for the pip DOLFINx wheel)
 from nngf_fem import KrylovSolver
 
 parser = argparse.ArgumentParser(description=__doc__)

@@ -12,13 +12,13 @@ import json
 import pathlib
 import time
 
-import nngf_fem as nf  # noqa: I001
-
 import numpy as np
 import torch
 import ufl
 from dolfinx import mesh
 from mpi4py import MPI
+
+import nngf_fem as nf  # noqa: I001
 
 parser = argparse.ArgumentParser(description="H1 regression: metrics and baselines")
 parser.add_argument("--n", type=int, default=16, help="cells per side")
@@ -71,7 +71,8 @@ def run(method: str) -> dict:
 methods = args.methods.split(",") + (["H1-expand"] if args.expand else [])
 results = [run(m) for m in methods]
 if comm.rank == 0:
-    print(f"\nH1 regression of |x-0.4| sin(pi y), P2 on {args.n}x{args.n}, network 2-{args.width}-1, "
+    print(f"\nH1 regression of |x-0.4| sin(pi y), P2 on {args.n}x{args.n}, "
+          f"network 2-{args.width}-1, "
           f"{comm.size} rank(s)")
     print(f"{'method':<12}{'H1 error':>12}{'iterations':>12}{'params':>8}{'wall [s]':>10}")
     for r in results:
@@ -90,4 +91,5 @@ if "H1" in by:
     assert by["H1"] < e0, "the H1 natural gradient flow did not reduce the error"
     for other in ("Euclidean", "Adam"):
         if other in by:
-            assert by["H1"] <= by[other], f"H1 Gram ({by['H1']:.3e}) behind {other} ({by[other]:.3e})"
+            assert by["H1"] <= by[other], (
+                f"H1 Gram ({by['H1']:.3e}) behind {other} ({by[other]:.3e})")

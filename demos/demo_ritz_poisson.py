@@ -14,13 +14,13 @@ import json
 import pathlib
 import time
 
-import nngf_fem as nf  # noqa: I001  (first: load order for the pip DOLFINx wheel)
-
 import numpy as np
 import torch
 import ufl
 from dolfinx import fem, mesh
 from mpi4py import MPI
+
+import nngf_fem as nf  # noqa: I001  (first: load order for the pip DOLFINx wheel)
 
 parser = argparse.ArgumentParser(description="Ritz/Poisson with a natural neural gradient flow")
 parser.add_argument("--n", type=int, default=16, help="cells per side")

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from nngf_fem.energies import EnergyFunctional
+from nngf_fem.errors import FlowDivergedError
 from nngf_fem.flow import FlowResult
 from nngf_fem.mpi import raise_on_any
-from nngf_fem.errors import FlowDivergedError
 
 __all__ = ["TorchOptimizerFlow"]
 

@@ -45,8 +45,10 @@ def _layer_input(field, layer: int) -> np.ndarray:
         return field.module.features(field._inputs(x), layer).numpy()
 
 
-def width_candidates(field, layer: int, n_candidates: int, seed: int,
-                     scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)) -> tuple[np.ndarray, np.ndarray]:
+def width_candidates(
+    field, layer: int, n_candidates: int, seed: int,
+    scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0),
+) -> tuple[np.ndarray, np.ndarray]:
     """Random candidate neurons ``(W (K, d_in), beta (K,))`` for hidden layer ``layer``.
 
     Hyperplanes ``w . h + beta = 0`` pass through random points of the bounding box of
@@ -211,9 +213,12 @@ class ExpansionPolicy:
             raise ValueError("patience and neurons must be positive integers")
 
     def should_expand(self, flow: NaturalGradientFlow) -> bool:
-        """True when, over the last ``patience`` steps since the last expansion, the
+        """Whether to grow now.
+
+        True when, over the last ``patience`` steps since the last expansion, the
         alignment stayed below ``threshold`` or (``stall > 0``) the energy decreased by
-        less than the relative amount ``stall``."""
+        less than the relative amount ``stall``.
+        """
         last = getattr(flow, "_last_expansion", -1)
         steps = [h for h in flow.history if h.get("kind") is None and h["iteration"] > last]
         steps = steps[-self.patience :]

@@ -93,7 +93,8 @@ class NeuralField:
                 )
             self.transform_name, self._transform = transform, _TRANSFORMS[transform]
         elif callable(transform):
-            self.transform_name, self._transform = getattr(transform, "__name__", "custom"), transform
+            self.transform_name = getattr(transform, "__name__", "custom")
+            self._transform = transform
         else:
             raise TypeError(f"transform must be a string or a callable, got {transform!r}")
         for p in module.parameters():
@@ -109,7 +110,9 @@ class NeuralField:
         self._mu = None if mu is None else torch.as_tensor(np.asarray(mu, dtype=np.float64))
         if isinstance(domain, fem.FunctionSpace):
             if representation != "fe":
-                raise ValueError("pass a mesh (not a FunctionSpace) for representation='quadrature'")
+                raise ValueError(
+                    "pass a mesh (not a FunctionSpace) for representation='quadrature'"
+                )
             self.mesh = domain.mesh
         elif isinstance(domain, dmesh.Mesh):
             self.mesh = domain
@@ -129,7 +132,9 @@ class NeuralField:
             self._setup_fe(V)
         else:
             if not isinstance(quadrature_degree, int) or quadrature_degree < 0:
-                raise ValueError(f"quadrature_degree must be an int >= 0, got {quadrature_degree!r}")
+                raise ValueError(
+                    f"quadrature_degree must be an int >= 0, got {quadrature_degree!r}"
+                )
             self.quadrature_degree = quadrature_degree
             self._setup_quadrature(quadrature_degree)
         self.function = fem.Function(self.space, name=name)
@@ -228,7 +233,8 @@ class NeuralField:
         """Change the extra inputs and refresh the values."""
         mu = np.asarray(mu, dtype=np.float64)
         if self._mu is None or mu.shape != tuple(self._mu.shape):
-            raise ValueError(f"mu must have shape {None if self._mu is None else tuple(self._mu.shape)}")
+            want = None if self._mu is None else tuple(self._mu.shape)
+            raise ValueError(f"mu must have shape {want}, got {mu.shape}")
         self._mu = torch.as_tensor(mu)
         self.update()
 
@@ -242,9 +248,13 @@ class NeuralField:
         """Set the parameters from a flat vector and (by default) refresh the values."""
         theta = np.asarray(theta, dtype=np.float64)
         if theta.shape != (self.num_params,):
-            raise ValueError(f"parameter vector must have shape ({self.num_params},), got {theta.shape}")
+            raise ValueError(
+                f"parameter vector must have shape ({self.num_params},), got {theta.shape}"
+            )
         with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(torch.from_numpy(theta.copy()), self.module.parameters())
+            torch.nn.utils.vector_to_parameters(
+                torch.from_numpy(theta.copy()), self.module.parameters()
+            )
         if update:
             self.update()
 

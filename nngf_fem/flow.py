@@ -211,7 +211,8 @@ class NaturalGradientFlow:
             self.tau = self.max_step
         rec = {
             "iteration": self.iteration, "energy": E1, "energy_before": E0,
-            "gnorm": info["gnorm"], "alignment": info["alignment"], "step": tau if accepted else 0.0,
+            "gnorm": info["gnorm"], "alignment": info["alignment"],
+            "step": tau if accepted else 0.0,
             "eps": eps_used, "rho": rho, "accepted": accepted, "backtracks": n_bt,
             "ksp_its": info["ksp_its"], "ksp_reason": info["ksp_reason"],
             "riesz_its": info["riesz_its"], "n_params": self.field.num_params,

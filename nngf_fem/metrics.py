@@ -197,7 +197,8 @@ class L2(Metric):
 
     name = "L2"
 
-    def __init__(self, field: NeuralField, weight=None, *, petsc_options_prefix: str = "nngf_riesz_",
+    def __init__(self, field: NeuralField, weight=None, *,
+                 petsc_options_prefix: str = "nngf_riesz_",
                  petsc_options: Mapping[str, Any] | None = None):
         super().__init__(field, petsc_options_prefix=petsc_options_prefix,
                          petsc_options=petsc_options)

@@ -100,7 +100,7 @@ class MLP(nn.Module):
         """Evaluate at points ``x`` of shape ``(n, in_dim)``; returns ``(n, out_dim)``."""
         return self.output_layer(self.features(x, len(self.hidden_layers)))
 
-    def extra_repr(self) -> str:
+    def extra_repr(self) -> str:  # noqa: D102
         return f"widths={self.widths}, activation={self.activation_name}"
 
 

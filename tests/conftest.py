@@ -11,10 +11,10 @@ import tempfile
 
 import numpy as np
 import pytest
+import torch
 from mpi4py import MPI
 
 import nngf_fem  # noqa: F401  (loads dolfinx_solver before dolfinx)
-import torch
 
 torch.set_default_dtype(torch.float64)
 
@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed_and_teardown():
     torch.manual_seed(1234)
-    np.random.seed(1234)
+    np.random.seed(1234)  # noqa: NPY002 - seeds legacy global RNG users
     yield
     gc.collect()
     MPI.COMM_WORLD.Barrier()

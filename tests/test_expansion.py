@@ -8,8 +8,13 @@ from dolfinx import fem, mesh
 from mpi4py import MPI
 
 import nngf_fem as nf
-from nngf_fem.expansion import (ExpansionPolicy, _candidate_directions, expand_width,
-                                run_expansive, width_candidates)
+from nngf_fem.expansion import (
+    ExpansionPolicy,
+    _candidate_directions,
+    expand_width,
+    run_expansive,
+    width_candidates,
+)
 
 
 def setup(n=8, width=3, seed=0, target=None):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import ufl
 from dolfinx import fem, mesh
-from dolfinx.fem.petsc import assemble_matrix, assemble_vector, apply_lifting, set_bc
+from dolfinx.fem.petsc import apply_lifting, assemble_matrix, assemble_vector, set_bc
 from mpi4py import MPI
 from petsc4py import PETSc
 
