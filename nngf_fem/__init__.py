@@ -18,6 +18,7 @@ from nngf_fem import baselines
 from nngf_fem.baselines import TorchOptimizerFlow
 from nngf_fem.expansion import ExpansionPolicy, run_expansive
 from nngf_fem.checkpoint import load_checkpoint, save_checkpoint
+from nngf_fem import io
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "SolverError",
     "TorchOptimizerFlow",
     "baselines",
+    "io",
     "dense_gram",
     "load_checkpoint",
     "run_expansive",
