@@ -5,6 +5,9 @@
 #
 #     mpirun -n 2 python demos/demo_poisson.py --n 64
 
+import nngf_fem  # noqa: F401  (load order for the pip DOLFINx wheel)
+from nngf_fem import KrylovSolver
+
 import argparse
 
 import numpy as np
@@ -13,9 +16,6 @@ from dolfinx import fem, mesh
 from dolfinx.fem.petsc import apply_lifting, assemble_matrix, assemble_vector, set_bc
 from mpi4py import MPI
 from petsc4py import PETSc
-
-import nngf_fem  # noqa: F401  (load order for the pip DOLFINx wheel)
-from nngf_fem import KrylovSolver
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--n", type=int, default=64, help="cells per side")

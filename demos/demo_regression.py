@@ -7,6 +7,8 @@
 #
 #     mpirun -n 2 python demos/demo_regression.py --iterations 40
 
+import nngf_fem as nf  # noqa: I001
+
 import argparse
 import json
 import pathlib
@@ -17,8 +19,6 @@ import torch
 import ufl
 from dolfinx import mesh
 from mpi4py import MPI
-
-import nngf_fem as nf  # noqa: I001
 
 parser = argparse.ArgumentParser(description="H1 regression: metrics and baselines")
 parser.add_argument("--n", type=int, default=16, help="cells per side")

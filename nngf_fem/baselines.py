@@ -5,17 +5,17 @@ the natural-gradient flow uses, so comparisons differ only in the update rule.
 Records share the keys of :class:`~nngf_fem.flow.NaturalGradientFlow` histories.
 """
 
+from nngf_fem.energies import EnergyFunctional
+from nngf_fem.errors import FlowDivergedError
+from nngf_fem.flow import FlowResult
+from nngf_fem.mpi import raise_on_any
+
 import math
 import time
 from typing import Any
 
 import numpy as np
 import torch
-
-from nngf_fem.energies import EnergyFunctional
-from nngf_fem.errors import FlowDivergedError
-from nngf_fem.flow import FlowResult
-from nngf_fem.mpi import raise_on_any
 
 __all__ = ["TorchOptimizerFlow"]
 

@@ -7,13 +7,13 @@ The whole ``torch.nn.Module`` is stored, so a network grown by expansion is rebu
 with its current architecture.
 """
 
+from nngf_fem.mpi import raise_on_any
+
 import os
 import pathlib
 from typing import Any
 
 import torch
-
-from nngf_fem.mpi import raise_on_any
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 

@@ -12,14 +12,14 @@ Every energy has the same small interface, used by the flows:
 ``ufl.derivative``); :class:`RegressionEnergy` and :class:`RitzEnergy` build on it.
 """
 
+from nngf_fem.field import NeuralField
+from nngf_fem.mpi import raise_on_any
+
 from collections.abc import Callable
 
 import numpy as np
 import ufl
 from dolfinx import fem, la
-
-from nngf_fem.field import NeuralField
-from nngf_fem.mpi import raise_on_any
 
 __all__ = ["EnergyFunctional", "FunctionalEnergy", "RegressionEnergy", "RitzEnergy"]
 

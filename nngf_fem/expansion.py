@@ -11,6 +11,9 @@ orthogonalized (in H) against the neurons already chosen -- an orthogonal matchi
 pursuit that needs only the small matrices ``C = N^T A_H N`` and ``p = N^T A_H r``.
 """
 
+from nngf_fem.flow import NaturalGradientFlow
+from nngf_fem.mpi import allreduce_sum
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +21,6 @@ import numpy as np
 import torch
 from mpi4py import MPI
 from torch import nn
-
-from nngf_fem.flow import NaturalGradientFlow
-from nngf_fem.mpi import allreduce_sum
 
 __all__ = ["ExpansionPolicy", "expand_depth", "expand_width", "residual", "run_expansive",
            "select_neurons", "width_candidates"]

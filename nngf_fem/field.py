@@ -21,6 +21,8 @@ Flat parameter vectors follow ``module.named_parameters()`` order, each tensor
 flattened row-major (``torch.nn.utils.parameters_to_vector`` order).
 """
 
+from nngf_fem.mpi import allreduce_sum, raise_on_any
+
 from collections.abc import Callable, Sequence
 
 import basix
@@ -32,8 +34,6 @@ from dolfinx import fem
 from dolfinx import mesh as dmesh
 from mpi4py import MPI
 from torch.func import functional_call, jacfwd, jacrev, vmap
-
-from nngf_fem.mpi import allreduce_sum, raise_on_any
 
 __all__ = ["NeuralField", "Linearization"]
 

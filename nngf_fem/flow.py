@@ -14,6 +14,12 @@ The flow mimics ``torch.optim.Optimizer``: :meth:`step`, :meth:`state_dict`,
 :meth:`load_state_dict`, plus :meth:`run` with stopping rules and a history.
 """
 
+from nngf_fem.energies import EnergyFunctional
+from nngf_fem.errors import FlowDivergedError
+from nngf_fem.gram import NaturalGradientSolver
+from nngf_fem.metrics import H1, Metric
+from nngf_fem.mpi import raise_on_any
+
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -22,12 +28,6 @@ from dataclasses import field as dc_field
 from typing import Any
 
 import numpy as np
-
-from nngf_fem.energies import EnergyFunctional
-from nngf_fem.errors import FlowDivergedError
-from nngf_fem.gram import NaturalGradientSolver
-from nngf_fem.metrics import H1, Metric
-from nngf_fem.mpi import raise_on_any
 
 __all__ = ["NaturalGradientFlow", "FlowResult"]
 

@@ -8,16 +8,16 @@ ranks, forms ``J v`` at the owned points (torch forward mode), applies ``A_H``
 allreduce). The dense path forms ``J`` explicitly (small ``P``; the reference).
 """
 
+from nngf_fem.field import Linearization
+from nngf_fem.metrics import Metric
+from nngf_fem.mpi import allreduce_sum
+from nngf_fem.solvers import KrylovSolver
+
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from petsc4py import PETSc
-
-from nngf_fem.field import Linearization
-from nngf_fem.metrics import Metric
-from nngf_fem.mpi import allreduce_sum
-from nngf_fem.solvers import KrylovSolver
 
 __all__ = ["GramOperator", "dense_gram", "NaturalGradientSolver"]
 

@@ -18,6 +18,9 @@ gradient ``g = R_H e``) with a PETSc KSP (default CG + GAMG; pass
 "pc_factor_mat_solver_type": "mumps"}`` for a direct solve).
 """
 
+from nngf_fem.field import NeuralField
+from nngf_fem.solvers import KrylovSolver
+
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,9 +30,6 @@ from dolfinx import fem
 from dolfinx.fem.petsc import assemble_matrix
 from dolfinx.fem.petsc import create_vector as create_petsc_vector
 from petsc4py import PETSc
-
-from nngf_fem.field import NeuralField
-from nngf_fem.solvers import KrylovSolver
 
 __all__ = ["Metric", "L2", "H1", "EnergyNorm", "Euclidean", "H1Seminorm"]
 

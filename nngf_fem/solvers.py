@@ -5,12 +5,12 @@ with ``setFromOptions()`` and removed again, so nothing leaks between objects (t
 ``dolfinx.fem.petsc.LinearProblem`` convention).
 """
 
+from nngf_fem.errors import SolverError
+
 from collections.abc import Mapping
 from typing import Any
 
 from petsc4py import PETSc
-
-from nngf_fem.errors import SolverError
 
 __all__ = ["KrylovSolver", "set_options", "ksp_reason_name"]
 

@@ -4,6 +4,8 @@ The same suite runs serially and under ``mpiexec -n 2 python -m pytest``; ranks
 other than 0 keep their terminal output quiet (their exit status still counts).
 """
 
+import nngf_fem  # noqa: F401  (loads dolfinx_solver before dolfinx)
+
 import gc
 import pathlib
 import shutil
@@ -13,8 +15,6 @@ import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
-
-import nngf_fem  # noqa: F401  (loads dolfinx_solver before dolfinx)
 
 torch.set_default_dtype(torch.float64)
 

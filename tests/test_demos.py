@@ -33,3 +33,15 @@ def test_demo_runs_small(name, tempdir, monkeypatch):
 
 def test_every_demo_is_covered():
     assert {p.name for p in DEMOS.glob("demo_*.py")} == set(CASES)
+
+
+@pytest.mark.skip_in_parallel
+def test_demo_runs_as_standalone_script(tempdir):
+    """A fresh interpreter (no conftest imports): catches import-order regressions."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, str(DEMOS / "demo_ritz_poisson.py"), *CASES[
+        "demo_ritz_poisson.py"], "--out", str(tempdir / "standalone")],
+        capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tempdir / "standalone" / "history.png").exists()

@@ -1,12 +1,5 @@
 """Width expansion: function preserving, residual driven, identical on all ranks."""
 
-import numpy as np
-import pytest
-import torch
-import ufl
-from dolfinx import fem, mesh
-from mpi4py import MPI
-
 import nngf_fem as nf
 from nngf_fem.expansion import (
     ExpansionPolicy,
@@ -15,6 +8,13 @@ from nngf_fem.expansion import (
     run_expansive,
     width_candidates,
 )
+
+import numpy as np
+import pytest
+import torch
+import ufl
+from dolfinx import fem, mesh
+from mpi4py import MPI
 
 
 def setup(n=8, width=3, seed=0, target=None):

@@ -1,14 +1,14 @@
 """Neural fields, metrics, Gram products and Riesz maps (METHOD.md sections 1 and 3)."""
 
+import nngf_fem as nf
+from nngf_fem.mpi import allreduce_sum
+
 import numpy as np
 import pytest
 import torch
 import ufl
 from dolfinx import fem, mesh
 from mpi4py import MPI
-
-import nngf_fem as nf
-from nngf_fem.mpi import allreduce_sum
 
 
 def make_field(comm, representation="fe", n=4, element=None, out_dim=1, width=5, seed=3, **kw):

@@ -1,13 +1,13 @@
 """Natural-gradient flow: projection property, dense vs matrix-free, monotonicity, MPI."""
 
+import nngf_fem as nf
+
 import numpy as np
 import pytest
 import torch
 import ufl
 from dolfinx import fem, mesh
 from mpi4py import MPI
-
-import nngf_fem as nf
 
 
 class FixedFeatures(torch.nn.Module):

@@ -1,5 +1,8 @@
 """Outputs: history tables, ParaView files, plots -- collective and atomic."""
 
+import nngf_fem as nf
+from nngf_fem import io as nio
+
 import json
 
 import numpy as np
@@ -8,9 +11,6 @@ import torch
 import ufl
 from dolfinx import fem, mesh
 from mpi4py import MPI
-
-import nngf_fem as nf
-from nngf_fem import io as nio
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """Foundation check: P1 Poisson converges at L2 rate 2 through the package's Krylov solver."""
 
+from nngf_fem import KrylovSolver
+
 import numpy as np
 import pytest
 import ufl
@@ -7,8 +9,6 @@ from dolfinx import fem, mesh
 from dolfinx.fem.petsc import apply_lifting, assemble_matrix, assemble_vector, set_bc
 from mpi4py import MPI
 from petsc4py import PETSc
-
-from nngf_fem import KrylovSolver
 
 
 def poisson_l2_error(n: int) -> float:
