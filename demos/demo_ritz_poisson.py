@@ -28,6 +28,8 @@ parser.add_argument("--width", type=int, default=32, help="hidden neurons")
 parser.add_argument("--iterations", type=int, default=60)
 parser.add_argument("--tol", type=float, default=1e-5, help="asserted relative L2 error")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--precond", default="nystrom", choices=["nystrom", "none"],
+                    help="preconditioner of the natural-gradient CG")
 parser.add_argument("--method", default="krylov", choices=["krylov", "dense"],
                     help="natural-gradient solve: matrix-free PETSc KSP or dense")
 parser.add_argument("--out", default="out_ritz_poisson", help="output folder")
@@ -54,7 +56,8 @@ energy = nf.RitzEnergy(u, a=lambda w, v: ufl.inner(ufl.grad(w), ufl.grad(v)) * u
 msh.topology.create_connectivity(1, 2)
 boundary = fem.locate_dofs_topological(u.space, 1, mesh.exterior_facet_indices(msh.topology))
 metric = nf.H1Seminorm(u, bcs=[fem.dirichletbc(0.0, boundary, u.space)])
-flow = nf.NaturalGradientFlow(energy, metric, eps=1e-4, method=args.method)
+flow = nf.NaturalGradientFlow(energy, metric, eps=1e-4, method=args.method,
+                              preconditioner=None if args.precond == "none" else args.precond)
 
 err_form = fem.form((u.ufl - u_exact) ** 2 * ufl.dx(degree=2 * args.degree + 2))
 ref = np.sqrt(comm.allreduce(fem.assemble_scalar(fem.form(u_exact**2 * ufl.dx(degree=8)))))

@@ -12,6 +12,7 @@ from nngf_fem.models import MLP, ResMLP
 from nngf_fem.field import Linearization, NeuralField
 from nngf_fem.metrics import H1, L2, EnergyNorm, Euclidean, H1Seminorm, Metric
 from nngf_fem.gram import GramOperator, NaturalGradientSolver, dense_gram
+from nngf_fem import gram
 from nngf_fem.energies import EnergyFunctional, FunctionalEnergy, RegressionEnergy, RitzEnergy
 from nngf_fem.flow import FlowResult, NaturalGradientFlow
 from nngf_fem import baselines
@@ -49,6 +50,7 @@ __all__ = [
     "SolverError",
     "TorchOptimizerFlow",
     "baselines",
+    "gram",
     "io",
     "dense_gram",
     "load_checkpoint",

@@ -65,6 +65,9 @@ class NaturalGradientFlow:
         backtrack: step reduction factor.
         max_backtracks: backtracking steps before the step is rejected and eps raised.
         alignment: compute the Hilbert gradient and the alignment every step.
+        preconditioner: ``"nystrom"`` (default: randomized Nystrom, ``nystrom_rank``
+            Gram products per step) or ``None`` for the natural-gradient KSP.
+        nystrom_rank: sketch size of the Nystrom preconditioner.
         petsc_options_prefix: prefix of the natural-gradient KSP.
         petsc_options: options of the natural-gradient KSP (CG, rtol 1e-10 default).
         raise_on_failure: raise :class:`FlowDivergedError` when the flow cannot continue.
@@ -85,6 +88,8 @@ class NaturalGradientFlow:
         backtrack: float = 0.5,
         max_backtracks: int = 20,
         alignment: bool = True,
+        preconditioner: str | None = "nystrom",
+        nystrom_rank: int = 32,
         petsc_options_prefix: str = "nngf_ng_",
         petsc_options: Mapping[str, Any] | None = None,
         raise_on_failure: bool = True,
@@ -107,6 +112,8 @@ class NaturalGradientFlow:
         if self.metric.field is not self.field:
             raise ValueError("the metric is defined on a different field than the energy")
         self.solver = NaturalGradientSolver(self.metric, method,
+                                            preconditioner=preconditioner,
+                                            nystrom_rank=nystrom_rank,
                                             petsc_options_prefix=petsc_options_prefix,
                                             petsc_options=petsc_options)
         self.eps, self.eps_min, self.eps_max = float(eps), float(eps_min), float(eps_max)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from petsc4py import PETSc
 
-__all__ = ["GramOperator", "dense_gram", "NaturalGradientSolver"]
+__all__ = ["GramOperator", "NaturalGradientSolver", "NystromPreconditioner", "dense_gram"]
 
 NG_DEFAULTS = {"ksp_type": "cg", "ksp_rtol": 1e-10, "ksp_atol": 1e-50, "ksp_max_it": 1000,
                "pc_type": "none"}
@@ -85,6 +85,73 @@ class GramOperator:
         self._mat = self._scatter = self._full = None
 
 
+class NystromPreconditioner:
+    """Randomized Nystrom preconditioner for ``G + mu I`` (Frangella, Tropp, Udell 2023).
+
+    A rank-``l`` sketch ``Y = G Omega`` (``l`` Gram products, ``Omega`` Gaussian from a
+    fixed seed, identical on all ranks) gives ``G ~ U diag(lam) U^T`` and
+
+        P^{-1} = (lam_l + mu) U (diag(lam) + mu)^{-1} U^T + (I - U U^T),
+
+    which clusters the large eigenvalues of ``G + mu I`` near ``lam_l + mu``: CG then
+    needs iterations only for the tail of the spectrum.
+
+    Args:
+        op: the Gram operator (its ``eps`` is ``mu``).
+        rank: sketch size ``l`` (capped at ``P``).
+        seed: seed of the test matrix.
+    """
+
+    def __init__(self, op: "GramOperator", rank: int, seed: int = 0):
+        P = op.num_params
+        l = max(1, min(int(rank), P))  # noqa: E741
+        omega = np.random.default_rng(seed).standard_normal((P, l))
+        omega, _ = np.linalg.qr(omega)
+        eps, op.eps = op.eps, 0.0
+        try:
+            Y = np.column_stack([op.apply(omega[:, j]) for j in range(l)])
+        finally:
+            op.eps = eps
+        nu = np.sqrt(P) * np.finfo(float).eps * np.linalg.norm(Y)
+        Y += nu * omega
+        M = omega.T @ Y
+        C = np.linalg.cholesky(0.5 * (M + M.T))
+        B = np.linalg.solve(C, Y.T).T  # Y C^{-T}
+        U, S, _ = np.linalg.svd(B, full_matrices=False)
+        self.U = U
+        self.lam = np.maximum(S**2 - nu, 0.0)
+        self.mu = eps
+        self.sketch_products = l
+        self._scatter = self._full = None
+
+    def apply_full(self, v: np.ndarray) -> np.ndarray:
+        """``P^{-1} v`` for a replicated parameter vector."""
+        Uv = self.U.T @ v
+        scale = (self.lam[-1] + self.mu) / (self.lam + self.mu) if self.mu > 0 or self.lam[-1] > 0 \
+            else np.ones_like(self.lam)
+        return self.U @ (scale * Uv) + (v - self.U @ Uv)
+
+    # PETSc python-PC protocol
+    def apply(self, pc: PETSc.PC, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = P^{-1} x`` on distributed parameter Vecs."""
+        if self._scatter is None:
+            self._scatter, self._full = PETSc.Scatter.toAll(x)
+        self._scatter.scatter(x, self._full, addv=PETSc.InsertMode.INSERT,
+                              mode=PETSc.ScatterMode.FORWARD)
+        out = self.apply_full(self._full.array_r.copy())
+        r0, r1 = y.getOwnershipRange()
+        y.array_w[:] = out[r0:r1]
+
+    def destroy(self, pc: PETSc.PC | None = None) -> None:
+        """Free the scatter (PETSc calls this with ``pc`` when the PC dies: no-op then)."""
+        if pc is not None:
+            return
+        for obj in (self._scatter, self._full):
+            if obj is not None:
+                obj.destroy()
+        self._scatter = self._full = None
+
+
 def dense_gram(metric: Metric, lin: Linearization) -> np.ndarray:
     """Dense ``G = J^T A_H J`` (``P x P``, on every rank) from an explicit Jacobian.
 
@@ -103,16 +170,24 @@ class NaturalGradientSolver:
         metric: the Hilbert metric.
         method: ``"krylov"`` (matrix-free shell matrix + KSP, default) or ``"dense"``
             (explicit J, Cholesky with eps, least squares when eps = 0).
+        preconditioner: ``None`` or ``"nystrom"`` (randomized Nystrom, rank
+            ``nystrom_rank``; costs that many Gram products per solve).
+        nystrom_rank: sketch size of the Nystrom preconditioner.
         petsc_options_prefix: prefix of the KSP options (default ``nngf_ng_``).
         petsc_options: KSP options (defaults: CG, rtol 1e-10, no preconditioner; use
             ``{"ksp_type": "minres"}`` for MINRES).
     """
 
     def __init__(self, metric: Metric, method: str = "krylov", *,
+                 preconditioner: str | None = None, nystrom_rank: int = 32,
                  petsc_options_prefix: str = "nngf_ng_",
                  petsc_options: Mapping[str, Any] | None = None):
         if method not in ("krylov", "dense"):
             raise ValueError(f"method={method!r} is not known; allowed: 'krylov', 'dense'")
+        if preconditioner not in (None, "nystrom"):
+            raise ValueError(
+                f"preconditioner={preconditioner!r} is not known; allowed: None, 'nystrom'")
+        self.preconditioner, self.nystrom_rank = preconditioner, int(nystrom_rank)
         self.metric, self.method = metric, method
         self.prefix, self.petsc_options = petsc_options_prefix, dict(petsc_options or {})
         self.iterations = 0
@@ -136,6 +211,14 @@ class NaturalGradientSolver:
         solver = KrylovSolver(A, petsc_options_prefix=self.prefix,
                               petsc_options=self.petsc_options, defaults=NG_DEFAULTS,
                               raise_on_failure=False)
+        pre = None
+        self.sketch_products = 0
+        if self.preconditioner == "nystrom":
+            pre = NystromPreconditioner(op, self.nystrom_rank)
+            self.sketch_products = pre.sketch_products
+            pc = solver.ksp.getPC()
+            pc.setType(PETSc.PC.Type.PYTHON)
+            pc.setPythonContext(pre)
         rhs, x = A.createVecs()
         r0, r1 = rhs.getOwnershipRange()
         rhs.array_w[:] = -b[r0:r1]
@@ -151,6 +234,8 @@ class NaturalGradientSolver:
             full.destroy()
         finally:
             solver.destroy()
+            if pre is not None:
+                pre.destroy()
             rhs.destroy()
             x.destroy()
             op.destroy()
