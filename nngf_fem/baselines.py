@@ -27,7 +27,8 @@ class TorchOptimizerFlow:
         energy: the energy (same object the natural-gradient flow would use).
         optimizer: ``"adam"``, ``"lbfgs"``, or a ``torch.optim.Optimizer`` class.
         **options: optimizer options (e.g. ``lr=1e-3``; L-BFGS defaults to
-            ``line_search_fn="strong_wolfe"``, ``max_iter=1`` per step).
+            ``line_search_fn="strong_wolfe"``, ``max_iter=1`` per step with up to
+            ``max_eval=25`` energy evaluations in its line search).
     """
 
     def __init__(self, energy: EnergyFunctional, optimizer: str | type = "adam", **options: Any):
@@ -40,7 +41,7 @@ class TorchOptimizerFlow:
             if name == "adam":
                 self.optimizer = torch.optim.Adam(params, **{"lr": 1e-3, **options})
             elif name == "lbfgs":
-                opts = {"lr": 1.0, "max_iter": 1, "history_size": 50,
+                opts = {"lr": 1.0, "max_iter": 1, "max_eval": 25, "history_size": 50,
                         "line_search_fn": "strong_wolfe", **options}
                 self.optimizer = torch.optim.LBFGS(params, **opts)
             else:

@@ -241,3 +241,21 @@ def test_checkpoint_errors_are_clear(tempdir):
     MPI.COMM_WORLD.Barrier()
     with pytest.raises(ValueError, match="checkpoint"):
         nf.load_checkpoint(bad, flow)
+
+
+@pytest.mark.parametrize("name,opts", [("adam", {"lr": 1e-2}), ("lbfgs", {})])
+def test_baselines_decrease_the_same_energy(name, opts):
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 6, 6)
+    torch.manual_seed(0)
+    field = nf.NeuralField(msh, nf.MLP(2, width=5, depth=1))
+    energy = nf.RegressionEnergy(field, target(msh), norm="H1")
+    E0 = energy.value()
+    opt = nf.TorchOptimizerFlow(energy, name, **opts)
+    res = opt.run(10)
+    assert res.energy < E0
+    # the parameter gradient the optimizer sees is b = J^T e
+    opt._closure()
+    grad = torch.cat([p.grad.reshape(-1) for p in field.module.parameters()]).numpy()
+    np.testing.assert_allclose(grad, field.linearize().vjp(energy.derivative()), atol=1e-14)
+    with pytest.raises(ValueError, match="optimizer"):
+        nf.TorchOptimizerFlow(energy, "sgd-momentum")
