@@ -19,11 +19,16 @@ from nngf_fem import baselines
 from nngf_fem.baselines import TorchOptimizerFlow
 from nngf_fem.expansion import ExpansionPolicy, run_expansive
 from nngf_fem.checkpoint import load_checkpoint, save_checkpoint
+from nngf_fem.pde import PDEConstrainedEnergy, Tikhonov, add_noise, discrepancy_stop
+from nngf_fem.taylor import TaylorResult, taylor_test
 from nngf_fem import io
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TaylorResult",
+    "Tikhonov",
+    "PDEConstrainedEnergy",
     "__version__",
     "EnergyFunctional",
     "ExpansionPolicy",
@@ -53,6 +58,9 @@ __all__ = [
     "gram",
     "io",
     "dense_gram",
+    "taylor_test",
+    "discrepancy_stop",
+    "add_noise",
     "load_checkpoint",
     "run_expansive",
     "save_checkpoint",

@@ -1,0 +1,154 @@
+"""PDE-constrained energies: Taylor tests, MPI agreement, user mistakes."""
+
+import nngf_fem as nf
+
+import numpy as np
+import pytest
+import torch
+import ufl
+from dolfinx import fem, mesh
+from mpi4py import MPI
+
+
+def boundary_bc(V, value=0.0):
+    msh = V.mesh
+    msh.topology.create_connectivity(msh.topology.dim - 1, msh.topology.dim)
+    facets = mesh.exterior_facet_indices(msh.topology)
+    dofs = fem.locate_dofs_topological(V, msh.topology.dim - 1, facets)
+    if V.dofmap.index_map_bs > 1:
+        return fem.dirichletbc(np.zeros(V.dofmap.index_map_bs), dofs, V)
+    return fem.dirichletbc(value, dofs, V)
+
+
+def darcy(comm=MPI.COMM_WORLD, n=8, reg=None, nonlinear=False, seed=0):
+    msh = mesh.create_unit_square(comm, n, n)
+    torch.manual_seed(seed)
+    k = nf.NeuralField(msh, nf.MLP(2, width=4, depth=1), transform="exp", name="k")
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    y, v = fem.Function(V, name="y"), ufl.TestFunction(V)
+    x = ufl.SpatialCoordinate(msh)
+    F = ufl.inner(k.ufl * ufl.grad(y), ufl.grad(v)) * ufl.dx - 10 * v * ufl.dx
+    if nonlinear:
+        F += y**3 * v * ufl.dx
+    y_obs = fem.Function(V, name="y_obs")
+    y_obs.interpolate(lambda X: np.sin(np.pi * X[0]) * np.sin(np.pi * X[1]))
+    misfit = 0.5 * (y - y_obs) ** 2 * ufl.dx + 0.1 * ufl.sin(x[0]) * y * ufl.dx
+    energy = nf.PDEConstrainedEnergy(F, y, [boundary_bc(V)], control=k, misfit=misfit,
+                                     regularization=reg)
+    return k, energy
+
+
+@pytest.mark.parametrize("reg", [None, nf.Tikhonov(1e-2, "L2"), nf.Tikhonov(1e-2, "H1"),
+                                 nf.Tikhonov(1e-2, "H1seminorm", reference=1.0)])
+def test_taylor_linear_darcy(reg):
+    k, energy = darcy(reg=reg)
+    res = nf.taylor_test(energy, h0=0.1)
+    assert res.min_rate >= 1.9, res
+    energy.destroy()
+
+
+def test_taylor_nonlinear_model():
+    k, energy = darcy(nonlinear=True, reg=nf.Tikhonov(1e-3, "H1"))
+    assert not energy.linear
+    res = nf.taylor_test(energy, h0=0.1)
+    assert res.min_rate >= 1.9, res
+    assert energy.counters["newton_iterations"] > energy.counters["forward"]
+    energy.destroy()
+
+
+def test_taylor_vector_state_elasticity_with_neural_lame():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 6, 6)
+    torch.manual_seed(1)
+    mu = nf.NeuralField(msh, nf.MLP(2, width=3, depth=1), transform="softplus", name="mu")
+    V = fem.functionspace(msh, ("Lagrange", 1, (2,)))
+    y, v = fem.Function(V, name="u"), ufl.TestFunction(V)
+
+    def eps(w):
+        return ufl.sym(ufl.grad(w))
+
+    sigma = 2 * mu.ufl * eps(y) + 1.0 * ufl.tr(eps(y)) * ufl.Identity(2)
+    f = ufl.as_vector((0.0, -1.0))
+    F = ufl.inner(sigma, eps(v)) * ufl.dx - ufl.inner(f, v) * ufl.dx
+    misfit = 0.5 * ufl.inner(y, y) * ufl.dx
+    energy = nf.PDEConstrainedEnergy(F, y, [boundary_bc(V)], control=mu, misfit=misfit,
+                                     regularization=nf.Tikhonov(1e-3, "L2"))
+    res = nf.taylor_test(energy, h0=0.1)
+    assert res.min_rate >= 1.9, res
+    energy.destroy()
+
+
+def test_taylor_regression_and_ritz_energies():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 6, 6)
+    torch.manual_seed(0)
+    u = nf.NeuralField(msh, nf.MLP(2, width=4, depth=1), element=("Lagrange", 2))
+    x = ufl.SpatialCoordinate(msh)
+    for energy in (nf.RegressionEnergy(u, ufl.sin(x[0]) * x[1], norm="H1"),
+                   nf.RitzEnergy(u, lambda a, b: ufl.inner(ufl.grad(a), ufl.grad(b)) * ufl.dx,
+                                 lambda w: x[0] * w * ufl.dx)):
+        assert nf.taylor_test(energy, h0=0.1).min_rate >= 1.9
+
+
+def test_derivative_parallel_equals_serial():
+    b = {}
+    for name, comm in (("serial", MPI.COMM_SELF), ("world", MPI.COMM_WORLD)):
+        k, energy = darcy(comm=comm, reg=nf.Tikhonov(1e-2, "H1"), seed=5)
+        b[name] = nf.taylor.parameter_derivative(energy)
+        b[name + "_E"] = energy.value()
+        energy.destroy()
+    np.testing.assert_allclose(b["world"], b["serial"], rtol=1e-10, atol=1e-12)
+    assert b["world_E"] == pytest.approx(b["serial_E"], rel=1e-12)
+
+
+def test_state_reused_when_control_unchanged():
+    k, energy = darcy()
+    energy.value()
+    energy.value()
+    energy.derivative()
+    assert energy.counters["forward"] == 1 and energy.counters["adjoint"] == 1
+    k.set_parameters(k.get_parameters() * 1.01)
+    energy.value()
+    assert energy.counters["forward"] == 2
+    energy.destroy()
+
+
+def test_user_mistakes_raise_before_any_solve():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    k = nf.NeuralField(msh, nf.MLP(2, width=2), transform="exp")
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    y, v = fem.Function(V, name="y"), ufl.TestFunction(V)
+    y_obs = fem.Function(V, name="y_obs")
+    good = ufl.inner(k.ufl * ufl.grad(y), ufl.grad(v)) * ufl.dx - v * ufl.dx
+    misfit = 0.5 * (y - y_obs) ** 2 * ufl.dx
+    with pytest.raises(ValueError, match="control .* does not appear in F"):
+        nf.PDEConstrainedEnergy(ufl.inner(ufl.grad(y), ufl.grad(v)) * ufl.dx, y, control=k,
+                                misfit=misfit)
+    z = fem.Function(V, name="z")
+    with pytest.raises(ValueError, match="state 'z' does not appear"):
+        nf.PDEConstrainedEnergy(good, z, control=k, misfit=misfit)
+    other = mesh.create_unit_square(MPI.COMM_WORLD, 3, 3)
+    k2 = nf.NeuralField(other, nf.MLP(2, width=2), transform="exp")
+    with pytest.raises(ValueError, match="different meshes|does not appear"):
+        nf.PDEConstrainedEnergy(good, y, control=k2, misfit=misfit)
+    bad = fem.Function(V, name="y_obs")
+    bad.x.array[:] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        nf.PDEConstrainedEnergy(good, y, control=k, misfit=0.5 * (y - bad) ** 2 * ufl.dx)
+    with pytest.raises(ValueError, match="alpha"):
+        nf.Tikhonov(-1.0)
+    with pytest.raises(ValueError, match="metric"):
+        nf.Tikhonov(1.0, "H2")
+
+
+def test_noise_is_partition_independent():
+    vals = {}
+    for name, comm in (("serial", MPI.COMM_SELF), ("world", MPI.COMM_WORLD)):
+        msh = mesh.create_unit_square(comm, 6, 6)
+        V = fem.functionspace(msh, ("Lagrange", 1))
+        f = fem.Function(V)
+        f.interpolate(lambda X: 1 + X[0])
+        g = nf.add_noise(f, 0.01, seed=3)
+        vals[name] = np.sqrt(comm.allreduce(fem.assemble_scalar(fem.form((g - f) ** 2 * ufl.dx))))
+    assert vals["world"] == pytest.approx(vals["serial"], rel=1e-12)
+    assert 0 < vals["serial"] < 0.05
+    z = nf.pde.coordinate_noise(np.random.default_rng(0).random((20000, 2)), seed=1)
+    assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03
