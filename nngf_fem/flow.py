@@ -15,7 +15,7 @@ The flow mimics ``torch.optim.Optimizer``: :meth:`step`, :meth:`state_dict`,
 """
 
 from nngf_fem.energies import EnergyFunctional
-from nngf_fem.errors import FlowDivergedError
+from nngf_fem.errors import FlowDivergedError, SolverError
 from nngf_fem.gram import NaturalGradientSolver
 from nngf_fem.metrics import H1, Metric
 from nngf_fem.mpi import raise_on_any
@@ -189,7 +189,10 @@ class NaturalGradientFlow:
         t0 = time.perf_counter()
         if bd < 0 and np.all(np.isfinite(d)):
             for n_bt in range(self.max_backtracks + 1):  # noqa: B007
-                E1 = self._evaluate(theta0 + tau * d)
+                try:  # a trial that overflows the network or breaks the PDE solve is rejected
+                    E1 = self._evaluate(theta0 + tau * d)
+                except (FloatingPointError, SolverError):  # raised on all ranks together
+                    E1 = math.inf
                 if math.isfinite(E1) and E1 <= E0 + self.armijo * tau * bd:
                     accepted = True
                     break
@@ -202,12 +205,15 @@ class NaturalGradientFlow:
             self.tau = tau
             self._energy = E1
             if self.adapt_eps:
-                if n_bt > 0:  # step had to be shortened: damp the next direction instead
-                    self.eps = min(max(self.eps, self.eps_min) * 2.0**n_bt, self.eps_max)
-                    self.tau = self.max_step
-                elif rho > 0.75:
+                unit = min(1.0, self.max_step)
+                if n_bt > 0 and tau < unit:
+                    # shorter than the unit (Gauss-Newton) step: damp the next direction
+                    # instead, and try the unit step again
+                    self.eps = min(max(self.eps, self.eps_min) * unit / tau, self.eps_max)
+                    self.tau = 0.5 * unit
+                elif n_bt == 0 and (rho > 0.75 or tau > unit):
                     self.eps = max(self.eps / 3.0, self.eps_min)
-                elif rho < 0.25:
+                elif rho < 0.25 and tau <= unit:
                     self.eps = min(max(self.eps, self.eps_min) * 2.0, self.eps_max)
         else:
             rho = math.nan

@@ -34,7 +34,8 @@ from dolfinx.fem.petsc import (
 )
 from petsc4py import PETSc
 
-__all__ = ["PDEConstrainedEnergy", "Tikhonov", "add_noise", "discrepancy_stop"]
+__all__ = ["PDEConstrainedEnergy", "Tikhonov", "add_noise", "coordinate_noise",
+           "discrepancy_stop", "synthetic_state"]
 
 LU_DEFAULTS = {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"}
 
@@ -199,6 +200,15 @@ class PDEConstrainedEnergy(EnergyFunctional):
         if self._solved_for is not None and np.array_equal(self._solved_for, current):
             return
         self.counters["forward"] += 1
+        self._solved_for = None
+        try:
+            self._newton()
+        except Exception:
+            self.y.x.array[:] = 0.0  # do not warm-start the next solve from a failed state
+            raise
+        self._solved_for = self.k.function.x.array.copy()
+
+    def _newton(self) -> None:
         r0 = self._residual()
         r = r0
         for it in range(self.newton_max_it + 1):
@@ -218,7 +228,6 @@ class PDEConstrainedEnergy(EnergyFunctional):
             r = self._residual()
             raise_on_any(self.comm, not np.isfinite(r), "Newton produced a non-finite residual",
                          SolverError)
-        self._solved_for = self.k.function.x.array.copy()
 
     def solve_adjoint(self) -> None:
         """Solve ``(dF/dy)^* p = -dD/dy`` at the current state (homogeneous bcs)."""
@@ -264,6 +273,27 @@ class PDEConstrainedEnergy(EnergyFunctional):
             s.destroy()
         for obj in (self._A, self._Aadj, self._b, self._dx):
             obj.destroy()
+
+
+def synthetic_state(energy: PDEConstrainedEnergy, k_true: fem.Function) -> fem.Function:
+    """State ``y(k_true)`` for a known coefficient (for synthetic data); returns a copy.
+
+    ``k_true`` must live on the control's space (interpolate the truth into it). The
+    control's own values are restored afterwards.
+    """
+    k = energy.k
+    if k_true.function_space != k.space:
+        raise ValueError("k_true must be a Function on the control's space (control.space)")
+    raise_on_any(energy.comm, not np.all(np.isfinite(k_true.x.array)),
+                 f"k_true '{k_true.name}' contains NaN/Inf values")
+    k.function.x.array[:] = k_true.x.array
+    try:
+        energy.solve_forward()
+        y = fem.Function(energy.y.function_space, name=f"{energy.y.name}_true")
+        y.x.array[:] = energy.y.x.array
+    finally:
+        k.update()
+    return y
 
 
 def _splitmix64(z: np.ndarray) -> np.ndarray:

@@ -14,6 +14,8 @@ CASES = {
     "demo_poisson.py": ["--n", "16"],
     "demo_ritz_poisson.py": ["--n", "6", "--degree", "3", "--width", "16", "--iterations", "20",
                              "--tol", "1e-3", "--quiet"],
+    "demo_darcy_inversion.py": ["--n", "8", "--expand", "--max-width", "6", "--iterations", "8",
+                                "--tol", "0.3", "--quiet"],
     "demo_regression.py": ["--n", "8", "--width", "8", "--iterations", "10",
                            "--methods", "H1,Euclidean,Adam,LBFGS", "--expand"],
 }
