@@ -5,8 +5,9 @@
 # data carry 1% Gaussian noise. The reduced energy
 # E(k) = 1/2 ||y(k) - y_obs||^2 / ||y_obs||^2 + alpha/2 ||k - 1||_H1^2
 # has its exact derivative from one adjoint solve; the natural gradient uses the
-# Gram matrix J^T (M + K) J of the H1 metric. With --expand the network starts from
-# 2 neurons and grows when the alignment stays low.
+# Gram matrix J^T (M + l^2 K) J of the H1 metric (l a length scale, default 0.1).
+# With --expand the network starts from 2 neurons and grows when the alignment
+# stays low.
 #
 #     mpirun -n 2 python demos/demo_darcy_inversion.py --expand
 
@@ -31,6 +32,8 @@ parser.add_argument("--iterations", type=int, default=40)
 parser.add_argument("--noise", type=float, default=0.01, help="relative noise level")
 parser.add_argument("--alpha", type=float, default=1e-7, help="H1 Tikhonov weight")
 parser.add_argument("--metric", default="H1", choices=["H1", "L2", "Euclidean"])
+parser.add_argument("--length-scale", type=float, default=0.1,
+                    help="length scale l of the H1 metric ||k||^2 + l^2 ||grad k||^2")
 parser.add_argument("--eps", type=float, default=1e-4, help="initial damping of the Gram system")
 parser.add_argument("--tol", type=float, default=0.1, help="asserted relative L2 error of k")
 parser.add_argument("--seed", type=int, default=0)
@@ -80,7 +83,10 @@ y.x.array[:] = 0.0
 energy = nf.PDEConstrainedEnergy(residual(k.ufl), y, [bc], control=k,
                                  misfit=0.5 * scale * (y - y_obs) ** 2 * ufl.dx,
                                  regularization=nf.Tikhonov(args.alpha, "H1", reference=1.0))
-metric = {"H1": nf.H1, "L2": nf.L2, "Euclidean": nf.Euclidean}[args.metric](k)
+if args.metric == "H1":  # ||k||^2 + l^2 ||grad k||^2: H1 with the length scale of the features
+    metric = nf.H1(k, alpha=1.0, beta=args.length_scale**2)
+else:
+    metric = {"L2": nf.L2, "Euclidean": nf.Euclidean}[args.metric](k)
 flow = nf.NaturalGradientFlow(energy, metric, eps=args.eps, max_step=1e4)
 policy = nf.ExpansionPolicy(threshold=0.5, patience=2, neurons=2,
                             max_params=4 * args.max_width + 1) if args.expand else None
