@@ -358,6 +358,21 @@ class NeuralField:
         return (self._dofs[:, None] * m + np.arange(m)[None, :]).reshape(-1)
 
     # ------------------------------------------------------ derivatives
+    def flat_evaluator(self, with_grad: bool = False) -> Callable[[dict], torch.Tensor]:
+        """``params -> flat values`` at the owned points (x-derivative rows appended).
+
+        The row layout of :meth:`jacobian` and :class:`Linearization`.
+        """
+        x = self._torch_points()
+
+        def f(p):
+            if with_grad:
+                v, g = self.evaluate_with_grad(p, x)
+                return torch.cat([v.reshape(-1), g.reshape(-1)])
+            return self.evaluate(p, x).reshape(-1)
+
+        return f
+
     def linearize(self, with_grad: bool = False) -> "Linearization":
         """Linearization at the current parameters (J v and J^T w products).
 
@@ -373,14 +388,7 @@ class NeuralField:
         then component, then direction).
         """
         params = self.param_dict()
-        x = self._torch_points()
-
-        def f(p):
-            if with_grad:
-                v, g = self.evaluate_with_grad(p, x)
-                return torch.cat([v.reshape(-1), g.reshape(-1)])
-            return self.evaluate(p, x).reshape(-1)
-
+        f = self.flat_evaluator(with_grad)
         rows = self.local_size * (1 + (self.gdim if with_grad else 0))
         jac = (jacfwd if self.num_params < rows else jacrev)(f)(params)
         return torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in params], dim=1).numpy()
@@ -398,14 +406,7 @@ class Linearization:
         self.field = field
         self.with_grad = with_grad
         self._params = field.param_dict()
-        x = field._torch_points()
-
-        def f(p):
-            if with_grad:
-                v, g = field.evaluate_with_grad(p, x)
-                return torch.cat([v.reshape(-1), g.reshape(-1)])
-            return field.evaluate(p, x).reshape(-1)
-
+        f = field.flat_evaluator(with_grad)
         self._f = f
         out, self._vjp_fn = torch.func.vjp(f, self._params)
         self.values = out.detach().numpy()

@@ -41,6 +41,18 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _save_png(fig, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure atomically (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def write_history(out_dir: str | os.PathLike, history: Sequence[dict], comm: MPI.Comm,
                   name: str = "history", meta: dict | None = None) -> None:
     """Write ``<name>.json`` (with ``meta``) and ``<name>.csv`` on rank 0, atomically."""
@@ -163,12 +175,7 @@ def plot_history(path: str | os.PathLike, history: Sequence[dict], comm: MPI.Com
         ax.set_title(label)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_png(fig, path)
     comm.Barrier()
 
 
@@ -194,10 +201,5 @@ def plot_fields(path: str | os.PathLike, fields: Sequence[tuple[str, fem.Functio
             ax.set_title(title)
             fig.colorbar(tc, ax=ax, shrink=0.85)
         fig.tight_layout()
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
+        _save_png(fig, path)
     comm.Barrier()
