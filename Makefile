@@ -11,7 +11,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(MPIRUN) -n $(NP) $(PY) demos/demo_ritz_poisson.py
+	$(MPIRUN) -n $(NP) $(PY) demos/demo_darcy_inversion.py --expand
 
 test: setup
 	$(VENV)/bin/ruff check nngf_fem tests demos

@@ -28,7 +28,8 @@ parser.add_argument("--n", type=int, default=32, help="cells per side")
 parser.add_argument("--width", type=int, default=16, help="hidden neurons (fixed network)")
 parser.add_argument("--expand", action="store_true", help="start from 2 neurons and grow")
 parser.add_argument("--max-width", type=int, default=24, help="width limit for --expand")
-parser.add_argument("--iterations", type=int, default=40)
+parser.add_argument("--iterations", type=int, default=60)
+parser.add_argument("--nonlinear", action="store_true", help="forward model with a + y^3 term")
 parser.add_argument("--noise", type=float, default=0.01, help="relative noise level")
 parser.add_argument("--alpha", type=float, default=1e-7, help="H1 Tikhonov weight")
 parser.add_argument("--metric", default="H1", choices=["H1", "L2", "Euclidean"])
@@ -58,7 +59,10 @@ f = 10.0
 
 
 def residual(kk):
-    return ufl.inner(kk * ufl.grad(y), ufl.grad(v)) * ufl.dx - f * v * ufl.dx
+    F = ufl.inner(kk * ufl.grad(y), ufl.grad(v)) * ufl.dx - f * v * ufl.dx
+    if args.nonlinear:  # -div(k grad y) + y^3 = f, solved by Newton
+        F += y**3 * v * ufl.dx
+    return F
 
 
 msh.topology.create_connectivity(1, 2)
@@ -129,11 +133,13 @@ nf.io.write_fields(out / "fields.bp", [k.function, k_true])
 nf.io.plot_fields(out / "coefficient.png", [("true k", k_true), ("recovered k", k.function)])
 if comm.rank == 0:
     print(f"\nDarcy inversion: {V.dofmap.index_map.size_global} state dofs, {comm.size} rank(s), "
-          f"noise {args.noise:g}, metric {args.metric}{', expansive' if args.expand else ''}")
+          f"noise {args.noise:g}, metric {args.metric}{', expansive' if args.expand else ''}"
+          f"{', nonlinear (Newton)' if args.nonlinear else ''}")
     print(f"  relative L2 error of k  {final['k_rel_l2_error']:.4e}")
     print(f"  misfit                  {final['misfit']:.4e}  (noise level {noise_misfit:.4e})")
     print(f"  iterations              {flow.iteration}   network {k.num_params} parameters")
-    print(f"  PDE solves              {final['pde_solves']}  (forward + adjoint)")
+    print(f"  PDE solves              {final['pde_solves']}  (forward + adjoint; "
+          f"{energy.counters['newton_iterations']} Newton iterations)")
     print(f"  wall time               {time.perf_counter() - t0:.1f} s")
     print(f"  outputs in {out}/: coefficient.png, history.{{png,json,csv}}, fields.bp (ParaView)")
 E = [h["energy"] for h in steps]

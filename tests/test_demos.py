@@ -21,9 +21,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+VARIANTS = {"demo_darcy_inversion.py --nonlinear": ["--n", "8", "--width", "4", "--iterations",
+                                                   "6", "--tol", "0.4", "--quiet", "--nonlinear"]}
+
+
+@pytest.mark.parametrize("name", sorted(CASES) + sorted(VARIANTS))
 def test_demo_runs_small(name, tempdir, monkeypatch):
-    args = list(CASES[name])
+    args = list(CASES.get(name) or VARIANTS[name])
+    name = name.split()[0]
     if name != "demo_poisson.py":
         args += ["--out", str(tempdir / name.removesuffix(".py"))]
     monkeypatch.setattr(sys, "argv", [name, *args])
