@@ -19,6 +19,7 @@ from nngf_fem import baselines
 from nngf_fem.baselines import TorchOptimizerFlow
 from nngf_fem.expansion import ExpansionPolicy, run_expansive
 from nngf_fem.checkpoint import load_checkpoint, save_checkpoint
+from nngf_fem.observations import PointObservations
 from nngf_fem.pde import PDEConstrainedEnergy, Tikhonov, add_noise, discrepancy_stop
 from nngf_fem.taylor import TaylorResult, taylor_test
 from nngf_fem import io
@@ -29,6 +30,7 @@ __all__ = [
     "TaylorResult",
     "Tikhonov",
     "PDEConstrainedEnergy",
+    "PointObservations",
     "__version__",
     "EnergyFunctional",
     "ExpansionPolicy",

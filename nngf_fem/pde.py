@@ -17,6 +17,7 @@ from nngf_fem.energies import EnergyFunctional
 from nngf_fem.errors import SolverError
 from nngf_fem.field import NeuralField
 from nngf_fem.mpi import raise_on_any
+from nngf_fem.observations import PointObservations
 from nngf_fem.solvers import KrylovSolver
 
 from collections.abc import Mapping, Sequence
@@ -80,7 +81,9 @@ class PDEConstrainedEnergy(EnergyFunctional):
             Newton guess and are updated by every forward solve).
         bcs: Dirichlet conditions of the state.
         control: the unknown coefficient, a NeuralField whose ``.ufl`` appears in ``F``.
-        misfit: data misfit ``D(y)``, a UFL form of rank 0.
+        misfit: data misfit ``D(y)``, a UFL form of rank 0 (full field, subdomain via
+            ``ufl.dx(tag)``, boundary via ``ufl.ds``).
+        observations: point observations of the state, added to the misfit.
         regularization: a :class:`Tikhonov`, a UFL functional of ``control.ufl``, a
             list of those, or None.
         petsc_options_prefix: prefix of the forward/adjoint KSP options.
@@ -97,7 +100,8 @@ class PDEConstrainedEnergy(EnergyFunctional):
         bcs: Sequence[fem.DirichletBC] = (),
         *,
         control: NeuralField,
-        misfit: ufl.Form,
+        misfit: ufl.Form | None = None,
+        observations: PointObservations | None = None,
         regularization: Any = None,
         petsc_options_prefix: str = "nngf_pde_",
         petsc_options: Mapping[str, Any] | None = None,
@@ -106,6 +110,14 @@ class PDEConstrainedEnergy(EnergyFunctional):
         newton_max_it: int = 50,
     ):
         super().__init__(control)
+        if misfit is None and observations is None:
+            raise ValueError("give a misfit form, point observations, or both")
+        if observations is not None and observations.V != state.function_space:
+            raise ValueError("the observations are defined on another space than the state")
+        self.observations = observations
+        if misfit is None:
+            zero = fem.Constant(state.function_space.mesh, 0.0)  # keeps a valid empty misfit
+            misfit = zero * ufl.inner(state, state) * ufl.dx
         self._validate(F, state, control, misfit)
         self.F, self.y, self.bcs, self.k = F, state, list(bcs), control
         V = state.function_space
@@ -240,6 +252,9 @@ class PDEConstrainedEnergy(EnergyFunctional):
         with self._b.localForm() as loc:
             loc.set(0.0)
         assemble_vector(self._b, self._dD)
+        if self.observations is not None:
+            with self._b.localForm() as loc:
+                self.observations.add_adjoint_rhs(self.y, loc.array)
         self._b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
         set_bc(self._b, self.bcs, alpha=0.0)
         self._adj.solve(self._b, self.p.x.petsc_vec)
@@ -251,6 +266,8 @@ class PDEConstrainedEnergy(EnergyFunctional):
         self.counters["value"] += 1
         self.solve_forward()
         self._last_misfit = self.comm.allreduce(fem.assemble_scalar(self._D))
+        if self.observations is not None:
+            self._last_misfit += self.observations.misfit(self.y)
         R = 0.0 if self._R is None else self.comm.allreduce(fem.assemble_scalar(self._R))
         return self._last_misfit + R
 

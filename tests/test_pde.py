@@ -152,3 +152,56 @@ def test_noise_is_partition_independent():
     assert 0 < vals["serial"] < 0.05
     z = nf.pde.coordinate_noise(np.random.default_rng(0).random((20000, 2)), seed=1)
     assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03
+
+
+def _obs_problem(comm, degree=1, vector=False, seed=0):
+    msh = mesh.create_unit_square(comm, 8, 8)
+    torch.manual_seed(seed)
+    k = nf.NeuralField(msh, nf.MLP(2, width=4, depth=1), transform="exp", name="k")
+    shape = (2,) if vector else ()
+    V = fem.functionspace(msh, ("Lagrange", degree, shape))
+    y, v = fem.Function(V, name="y"), ufl.TestFunction(V)
+    f = ufl.as_vector((1.0, 2.0)) if vector else 10.0
+    F = ufl.inner(k.ufl * ufl.grad(y), ufl.grad(v)) * ufl.dx - ufl.inner(f, v) * ufl.dx
+    pts = np.random.default_rng(1).random((25, 2)) * 0.9 + 0.05
+    data = np.random.default_rng(2).random((25, 2) if vector else 25)
+    obs = nf.PointObservations(V, pts, data)
+    energy = nf.PDEConstrainedEnergy(F, y, [boundary_bc(V)], control=k, observations=obs,
+                                     regularization=nf.Tikhonov(1e-3, "L2"))
+    return k, y, obs, energy
+
+
+@pytest.mark.parametrize("degree,vector", [(1, False), (2, False), (1, True)])
+def test_point_observations_values_and_taylor(degree, vector):
+    k, y, obs, energy = _obs_problem(MPI.COMM_WORLD, degree, vector)
+    y.interpolate(lambda X: np.vstack([X[0] ** 2 + X[1], X[0] * X[1]]) if vector
+                  else X[0] ** 2 + X[1])
+    ref = np.column_stack([obs.points[:, 0] ** 2 + obs.points[:, 1],
+                           obs.points[:, 0] * obs.points[:, 1]])
+    vals = obs.evaluate(y)
+    if degree == 2 or not vector:
+        np.testing.assert_allclose(vals[:, 0], ref[:, 0],
+                                   atol=1e-13 if degree == 2 else 2e-2)
+    res = nf.taylor_test(energy, h0=0.1)
+    assert res.min_rate >= 1.9, res
+    energy.destroy()
+
+
+def test_point_observation_errors():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    with pytest.raises(ValueError, match="outside the mesh"):
+        nf.PointObservations(V, [[0.5, 0.5], [1.5, 0.2]], [1.0, 2.0])
+    with pytest.raises(ValueError, match="NaN"):
+        nf.PointObservations(V, [[0.5, 0.5]], [np.nan])
+    with pytest.raises(ValueError, match="shape"):
+        nf.PointObservations(V, [[0.5, 0.5, 0.1]], [1.0])
+
+
+def test_point_observation_derivative_parallel_equals_serial():
+    b = {}
+    for name, comm in (("serial", MPI.COMM_SELF), ("world", MPI.COMM_WORLD)):
+        k, y, obs, energy = _obs_problem(comm, seed=4)
+        b[name] = nf.taylor.parameter_derivative(energy)
+        energy.destroy()
+    np.testing.assert_allclose(b["world"], b["serial"], rtol=1e-10, atol=1e-13)
