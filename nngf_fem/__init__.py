@@ -13,7 +13,13 @@ from nngf_fem.field import Linearization, NeuralField
 from nngf_fem.metrics import H1, L2, EnergyNorm, Euclidean, H1Seminorm, Metric
 from nngf_fem.gram import GramOperator, NaturalGradientSolver, dense_gram
 from nngf_fem import gram
-from nngf_fem.energies import EnergyFunctional, FunctionalEnergy, RegressionEnergy, RitzEnergy
+from nngf_fem.energies import (
+    EnergyFunctional,
+    FunctionalEnergy,
+    PointRegressionEnergy,
+    RegressionEnergy,
+    RitzEnergy,
+)
 from nngf_fem.flow import FlowResult, NaturalGradientFlow
 from nngf_fem import baselines
 from nngf_fem.baselines import TorchOptimizerFlow
@@ -30,6 +36,7 @@ __all__ = [
     "TaylorResult",
     "Tikhonov",
     "PDEConstrainedEnergy",
+    "PointRegressionEnergy",
     "PointObservations",
     "__version__",
     "EnergyFunctional",

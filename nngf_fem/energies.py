@@ -21,7 +21,8 @@ import numpy as np
 import ufl
 from dolfinx import fem, la
 
-__all__ = ["EnergyFunctional", "FunctionalEnergy", "RegressionEnergy", "RitzEnergy"]
+__all__ = ["EnergyFunctional", "FunctionalEnergy", "PointRegressionEnergy", "RegressionEnergy",
+           "RitzEnergy"]
 
 
 class EnergyFunctional:
@@ -138,3 +139,41 @@ class RitzEnergy(FunctionalEnergy):
     def __init__(self, field: NeuralField, a: Callable, l: Callable):  # noqa: E741
         u = field.ufl
         super().__init__(field, 0.5 * a(u, u) - l(u))
+
+
+class PointRegressionEnergy(EnergyFunctional):
+    """Supervised learning from samples: ``E(u) = 1/2 sum_i w_i |u_h(x_i) - f_i|^2``.
+
+    The data measure is ``sum_i w_i delta_{x_i}`` (weights default to ``1/N``); ``u_h`` is
+    the field's FE representation (Lagrange degree <= 2), so ``E'`` is exact.
+
+    Args:
+        field: the neural field (FE representation).
+        points: ``(N, gdim)`` sample locations (same array on all ranks).
+        values: ``(N,)`` or ``(N, m)`` samples.
+        weights: optional positive weights.
+    """
+
+    def __init__(self, field: NeuralField, points, values, weights=None):
+        from nngf_fem.observations import PointObservations
+
+        super().__init__(field)
+        if field.representation != "fe":
+            raise ValueError("point regression needs representation='fe'")
+        self.observations = PointObservations(field.space, points, values, weights)
+        self._b = la.vector(field.space.dofmap.index_map, field.space.dofmap.index_map_bs)
+        self._rows = field.owned_rows()
+
+    def value(self) -> float:
+        """``1/2 sum_i w_i |u_h(x_i) - f_i|^2``."""
+        self.counters["value"] += 1
+        return self.observations.misfit(self.field.function)
+
+    def derivative(self) -> np.ndarray:
+        """``sum_i w_i (u_h(x_i) - f_i) phi_j(x_i)`` on the owned rows."""
+        self.counters["derivative"] += 1
+        self._b.array[:] = 0.0
+        self.observations.add_adjoint_rhs(self.field.function, self._b.array)
+        self._b.array[:] *= -1.0
+        self._b.scatter_reverse(la.InsertMode.add)
+        return self._b.array[self._rows].copy()

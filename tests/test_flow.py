@@ -259,3 +259,17 @@ def test_baselines_decrease_the_same_energy(name, opts):
     np.testing.assert_allclose(grad, field.linearize().vjp(energy.derivative()), atol=1e-14)
     with pytest.raises(ValueError, match="optimizer"):
         nf.TorchOptimizerFlow(energy, "sgd-momentum")
+
+
+def test_point_regression_taylor_and_flow():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 8, 8)
+    torch.manual_seed(0)
+    field = nf.NeuralField(msh, nf.MLP(2, width=6, depth=1), element=("Lagrange", 2))
+    X = np.random.default_rng(3).random((60, 2))
+    energy = nf.PointRegressionEnergy(field, X, np.sin(3 * X[:, 0]) * X[:, 1])
+    assert nf.taylor_test(energy, h0=0.1).min_rate >= 1.9
+    E0 = energy.value()
+    res = nf.NaturalGradientFlow(energy, nf.L2(field)).run(10)
+    assert res.energy < 0.1 * E0
+    with pytest.raises(ValueError, match="outside"):
+        nf.PointRegressionEnergy(field, [[2.0, 2.0]], [1.0])
