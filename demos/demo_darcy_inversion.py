@@ -24,7 +24,10 @@ from dolfinx import fem, mesh
 from mpi4py import MPI
 
 parser = argparse.ArgumentParser(description="Darcy inversion with a natural neural gradient flow")
-parser.add_argument("--n", type=int, default=32, help="cells per side")
+parser.add_argument("--n", type=int, default=32, help="cells per side (built-in mesh)")
+parser.add_argument("--mesh", default=None, help="gmsh .msh file instead of the unit square")
+parser.add_argument("--observe-tag", type=int, default=None,
+                    help="observe the state only on cells with this physical tag")
 parser.add_argument("--width", type=int, default=16, help="hidden neurons (fixed network)")
 parser.add_argument("--expand", action="store_true", help="start from 2 neurons and grow")
 parser.add_argument("--max-width", type=int, default=24, help="width limit for --expand")
@@ -45,7 +48,13 @@ parser.add_argument("--quiet", action="store_true")
 args = parser.parse_args()
 
 comm = MPI.COMM_WORLD
-msh = mesh.create_unit_square(comm, args.n, args.n)
+if args.mesh:  # a gmsh mesh with physical markers (see meshes/make_meshes.py)
+    mesh_data = nf.meshes.load_msh(args.mesh, comm)
+    msh, cell_tags = mesh_data.mesh, mesh_data.cell_tags
+else:
+    msh, cell_tags = mesh.create_unit_square(comm, args.n, args.n), None
+dx_obs = (ufl.Measure("dx", domain=msh, subdomain_data=cell_tags)(args.observe_tag)
+          if args.observe_tag is not None else ufl.dx)
 x = ufl.SpatialCoordinate(msh)
 k_true_expr = ufl.exp(0.5 * ufl.sin(2 * ufl.pi * x[0]) * ufl.sin(ufl.pi * x[1])
                       - 0.4 * ufl.exp(-((x[0] - 0.3) ** 2 + (x[1] - 0.7) ** 2) / 0.02))
@@ -79,13 +88,13 @@ y_clean = nf.pde.synthetic_state(energy, k_true)
 energy.destroy()
 y_obs = nf.add_noise(y_clean, args.noise, seed=args.seed)
 y_obs.name = "y_obs"
-scale = 1.0 / comm.allreduce(fem.assemble_scalar(fem.form(y_obs**2 * ufl.dx)))
+scale = 1.0 / comm.allreduce(fem.assemble_scalar(fem.form(y_obs**2 * dx_obs)))
 noise_misfit = 0.5 * scale * comm.allreduce(
-    fem.assemble_scalar(fem.form((y_obs - y_clean) ** 2 * ufl.dx)))
+    fem.assemble_scalar(fem.form((y_obs - y_clean) ** 2 * dx_obs)))
 y.x.array[:] = 0.0
 
 energy = nf.PDEConstrainedEnergy(residual(k.ufl), y, [bc], control=k,
-                                 misfit=0.5 * scale * (y - y_obs) ** 2 * ufl.dx,
+                                 misfit=0.5 * scale * (y - y_obs) ** 2 * dx_obs,
                                  regularization=nf.Tikhonov(args.alpha, "H1", reference=1.0))
 if args.metric == "H1":  # ||k||^2 + l^2 ||grad k||^2: H1 with the length scale of the features
     metric = nf.H1(k, alpha=1.0, beta=args.length_scale**2)
@@ -97,6 +106,8 @@ policy = nf.ExpansionPolicy(threshold=0.5, patience=2, neurons=2,
 
 err_form = fem.form((k.ufl - k_true_expr) ** 2 * ufl.dx)
 k_norm = np.sqrt(comm.allreduce(fem.assemble_scalar(fem.form(k_true_expr**2 * ufl.dx))))
+if args.observe_tag is not None and comm.rank == 0 and not args.quiet:
+    print(f"observing the state only on cells tagged {args.observe_tag} of {args.mesh}")
 out = pathlib.Path(args.out)
 ckpt = out / "checkpoint.pt"
 if args.resume and ckpt.exists():

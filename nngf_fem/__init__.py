@@ -28,7 +28,7 @@ from nngf_fem.checkpoint import load_checkpoint, save_checkpoint
 from nngf_fem.observations import PointObservations
 from nngf_fem.pde import PDEConstrainedEnergy, Tikhonov, add_noise, discrepancy_stop
 from nngf_fem.taylor import TaylorResult, taylor_test
-from nngf_fem import io
+from nngf_fem import io, meshes
 
 __version__ = "0.1.0"
 
@@ -66,6 +66,7 @@ __all__ = [
     "baselines",
     "gram",
     "io",
+    "meshes",
     "dense_gram",
     "taylor_test",
     "discrepancy_stop",

@@ -90,6 +90,11 @@ class KrylovSolver:
         self.iterations = self.ksp.getIterationNumber()
         self.reason = self.ksp.getConvergedReason()
         self.converged = self.reason > 0
+        if not self.converged:
+            # a failed set-up (e.g. a zero pivot) sticks to the PC: start afresh next time
+            A, P = self.ksp.getOperators()
+            self.ksp.reset()
+            self.ksp.setOperators(A, P)
         if not self.converged and self.raise_on_failure:
             raise SolverError(
                 f"Krylov solve '{self.prefix}' failed: reason {ksp_reason_name(self.reason)} "

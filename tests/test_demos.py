@@ -21,8 +21,13 @@ CASES = {
 }
 
 
-VARIANTS = {"demo_darcy_inversion.py --nonlinear": ["--n", "8", "--width", "4", "--iterations",
-                                                   "6", "--tol", "0.4", "--quiet", "--nonlinear"]}
+VARIANTS = {
+    "demo_darcy_inversion.py --nonlinear": ["--n", "8", "--width", "4", "--iterations", "6",
+                                            "--tol", "0.4", "--quiet", "--nonlinear"],
+    "demo_darcy_inversion.py --mesh": ["--mesh", str(DEMOS.parent / "meshes" / "lshape.msh"),
+                                       "--observe-tag", "2", "--width", "4", "--iterations", "6",
+                                       "--tol", "0.4", "--quiet"],
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES) + sorted(VARIANTS))
