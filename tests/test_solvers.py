@@ -1,11 +1,11 @@
 """KrylovSolver: options by prefix, failures reported and recoverable."""
 
+import nngf_fem as nf
+
 import numpy as np
 import pytest
 from mpi4py import MPI
 from petsc4py import PETSc
-
-import nngf_fem as nf
 
 
 def diag_matrix(values):
