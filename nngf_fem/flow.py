@@ -70,7 +70,9 @@ class NaturalGradientFlow:
         nystrom_rank: sketch size of the Nystrom preconditioner.
         petsc_options_prefix: prefix of the natural-gradient KSP.
         petsc_options: options of the natural-gradient KSP (CG, rtol 1e-10 default).
-        raise_on_failure: raise :class:`FlowDivergedError` when the flow cannot continue.
+        raise_on_failure: raise :class:`FlowDivergedError` when the energy becomes
+            non-finite. A flow that cannot decrease the energy even at ``eps_max``
+            (a stationary point) stops with ``reason="stalled"``.
     """
 
     def __init__(
@@ -172,8 +174,7 @@ class NaturalGradientFlow:
         """One natural-gradient step; returns (and appends to the history) its record.
 
         Raises:
-            FlowDivergedError: non-finite energy, or no decrease even at maximal damping
-                (when ``raise_on_failure``).
+            FlowDivergedError: non-finite energy at the current parameters.
         """
         tstart = time.perf_counter()
         theta0 = self.field.get_parameters()
@@ -235,11 +236,7 @@ class NaturalGradientFlow:
         }
         self.history.append(rec)
         self.iteration += 1
-        if not accepted and eps_used >= self.eps_max and self.raise_on_failure:
-            raise FlowDivergedError(
-                f"natural-gradient flow cannot decrease the energy (E={E0:.6e}) even with "
-                f"damping eps={eps_used:.1e} at iteration {rec['iteration']}"
-            )
+        rec["stalled"] = not accepted and eps_used >= self.eps_max
         return rec
 
     # ---------------------------------------------------------------- run
@@ -286,6 +283,11 @@ class NaturalGradientFlow:
                     bar.set_postfix(E=f"{rec['energy']:.3e}", align=f"{rec['alignment']:.2f}",
                                     P=rec["n_params"])
                     bar.update(1)
+                if rec["stalled"]:  # no decrease even at maximal damping: stationary
+                    reason = "stalled"
+                    if self.raise_on_failure and not math.isfinite(rec["energy"]):
+                        raise FlowDivergedError(f"energy is not finite ({rec['energy']})")
+                    break
                 if rec["gnorm"] <= gtol or (rtol > 0 and rec["gnorm"] <= rtol * g0):
                     reason, converged = "gtol", True
                     break

@@ -124,7 +124,9 @@ class PDEConstrainedEnergy(EnergyFunctional):
         (v,) = F.arguments()
         du = ufl.TrialFunction(V)
         J = ufl.derivative(F, state, du)
-        self.linear = state not in _coefficients(J)
+        expanded = ufl.algorithms.apply_derivatives.apply_derivatives(
+            ufl.algorithms.apply_algebra_lowering.apply_algebra_lowering(J))
+        self.linear = state not in _coefficients(expanded)
         regs = regularization if isinstance(regularization, list | tuple) else (
             [] if regularization is None else [regularization])
         R = 0

@@ -273,3 +273,52 @@ def test_point_regression_taylor_and_flow():
     assert res.energy < 0.1 * E0
     with pytest.raises(ValueError, match="outside"):
         nf.PointRegressionEnergy(field, [[2.0, 2.0]], [1.0])
+
+
+def test_minres_option_gives_the_cg_direction():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 6, 6)
+    torch.manual_seed(0)
+    field = nf.NeuralField(msh, nf.MLP(2, width=5, depth=1))
+    energy = nf.RegressionEnergy(field, target(msh), norm="H1")
+    metric = nf.H1(field)
+    d = {}
+    for ksp in ("cg", "minres"):
+        flow = nf.NaturalGradientFlow(energy, metric, eps=1e-4, preconditioner=None,
+                                      petsc_options={"ksp_type": ksp, "ksp_rtol": 1e-13})
+        d[ksp] = flow.direction()["d"]
+    np.testing.assert_allclose(d["minres"], d["cg"], rtol=1e-7, atol=1e-9 * np.abs(d["cg"]).max())
+    metric.destroy()
+
+
+def test_ritz_with_inhomogeneous_dirichlet_lift():
+    """u = x0 + x0(1-x0)x1(1-x1) N: harmonic data g = x0, f = 0, exact solution u = x0."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 6, 6)
+    torch.manual_seed(0)
+    field = nf.NeuralField(msh, nf.MLP(2, width=6, depth=1), element=("Lagrange", 2),
+                           factor=lambda X: X[:, 0] * (1 - X[:, 0]) * X[:, 1] * (1 - X[:, 1]),
+                           lift=lambda X: X[:, 0])
+    x = ufl.SpatialCoordinate(msh)
+    energy = nf.RitzEnergy(field, lambda a, b: ufl.inner(ufl.grad(a), ufl.grad(b)) * ufl.dx,
+                           lambda w: fem.Constant(msh, 0.0) * w * ufl.dx)
+    err = fem.form((field.ufl - x[0]) ** 2 * ufl.dx)
+    e0 = MPI.COMM_WORLD.allreduce(fem.assemble_scalar(err))
+    nf.NaturalGradientFlow(energy, nf.H1(field)).run(15)
+    e1 = MPI.COMM_WORLD.allreduce(fem.assemble_scalar(err))
+    assert e1 < 1e-6 * e0
+    # boundary values are the lift's exactly
+    X = field.points
+    on_bnd = np.isclose(X, 0).any(axis=1) | np.isclose(X, 1).any(axis=1)
+    np.testing.assert_allclose(field.values()[on_bnd], X[on_bnd, 0], atol=1e-14)
+
+
+def test_stalled_flow_stops_with_reason_and_nonfinite_energy_raises():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    field = nf.NeuralField(msh, FixedFeatures(seed=1))
+    f = fem.Function(field.space)
+    f.x.array[:] = field.function.x.array  # already at the minimum: E = 0
+    energy = nf.RegressionEnergy(field, f)
+    res = nf.NaturalGradientFlow(energy, nf.L2(field), eps_max=1e-2).run(20)
+    assert res.reason in ("stalled", "gtol") and res.iterations < 20
+    bad = nf.RegressionEnergy(field, target(msh) / fem.Constant(msh, 0.0))
+    with pytest.raises(nf.FlowDivergedError, match="not finite"):
+        nf.NaturalGradientFlow(bad, nf.L2(field)).step()

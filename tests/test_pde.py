@@ -205,3 +205,24 @@ def test_point_observation_derivative_parallel_equals_serial():
         b[name] = nf.taylor.parameter_derivative(energy)
         energy.destroy()
     np.testing.assert_allclose(b["world"], b["serial"], rtol=1e-10, atol=1e-13)
+
+
+def test_boundary_misfit_taylor_and_discrepancy_stop():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 8, 8)
+    torch.manual_seed(0)
+    k = nf.NeuralField(msh, nf.MLP(2, width=4, depth=1), transform="exp")
+    V = fem.functionspace(msh, ("Lagrange", 1))
+    y, v = fem.Function(V, name="y"), ufl.TestFunction(V)
+    x = ufl.SpatialCoordinate(msh)
+    # Robin-type problem observed on the boundary only
+    F = ((ufl.inner(k.ufl * ufl.grad(y), ufl.grad(v)) + y * v) * ufl.dx
+         - 20 * x[0] * x[1] * v * ufl.dx)
+    energy = nf.PDEConstrainedEnergy(F, y, [], control=k,
+                                     misfit=0.5 * (y - x[0]) ** 2 * ufl.ds)
+    assert nf.taylor_test(energy, h0=0.1).min_rate >= 1.9
+    flow = nf.NaturalGradientFlow(energy, nf.H1(k), max_step=1e4)
+    E0 = energy.value()
+    stop = nf.discrepancy_stop(energy, noise_misfit=0.98 * E0, tau=1.0)
+    res = flow.run(50, callback=stop)
+    assert res.reason == "callback" and energy.misfit_value() <= 0.98 * E0
+    energy.destroy()
