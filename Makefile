@@ -14,7 +14,7 @@ demo: setup
 	$(MPIRUN) -n $(NP) $(PY) demos/demo_darcy_inversion.py --expand
 
 test: setup
-	$(VENV)/bin/ruff check nngf_fem tests demos examples
+	$(VENV)/bin/ruff check nngf_fem tests demos examples benchmarks
 	timeout 1500 $(PY) -m pytest -q $(PYTEST_ARGS)
 	timeout 1500 $(MPIRUN) -n $(NP) $(PY) -m pytest -q -x $(PYTEST_ARGS)
 
@@ -25,7 +25,7 @@ test-mpi: setup
 	timeout 1500 $(MPIRUN) -n $(NP) $(PY) -m pytest -q -x $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check nngf_fem tests demos examples
+	$(VENV)/bin/ruff check nngf_fem tests demos examples benchmarks
 
 clean:
 	rm -rf out_* .pytest_cache
