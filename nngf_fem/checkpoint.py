@@ -22,7 +22,7 @@ _FORMAT = 1
 
 def _flow_extra(flow) -> dict[str, Any]:
     return {"expansions": list(getattr(flow, "expansions", [])),
-            "last_expansion": getattr(flow, "_last_expansion", -1)}
+            "last_expansion": getattr(flow, "last_expansion", -1)}
 
 
 def save_checkpoint(path: str | os.PathLike, flow) -> None:
@@ -71,5 +71,5 @@ def load_checkpoint(path: str | os.PathLike, flow) -> dict[str, Any]:
     flow.field.module = data["module"]
     flow.load_state_dict(data["flow"])
     flow.expansions = list(data["extra"]["expansions"])
-    flow._last_expansion = data["extra"]["last_expansion"]
+    flow.last_expansion = data["extra"]["last_expansion"]
     return data

@@ -219,7 +219,7 @@ class ExpansionPolicy:
         alignment stayed below ``threshold`` or (``stall > 0``) the energy decreased by
         less than the relative amount ``stall``.
         """
-        last = getattr(flow, "_last_expansion", -1)
+        last = flow.last_expansion
         steps = [h for h in flow.history if h.get("kind") is None and h["iteration"] > last]
         steps = steps[-self.patience :]
         if len(steps) < self.patience or flow.field.num_params >= self.max_params:
@@ -234,7 +234,7 @@ class ExpansionPolicy:
         field, module = flow.field, flow.field.module
         if field.value_size != 1:
             raise ValueError("expansion currently supports scalar fields (value size 1)")
-        n_exp = len(getattr(flow, "expansions", []))
+        n_exp = len(flow.expansions)
         kind = self.kinds[n_exp % len(self.kinds)]
         layer = (self.layer % len(module.hidden_layers) if kind == "width"
                  else len(module.hidden_layers))
@@ -256,8 +256,8 @@ class ExpansionPolicy:
                "params_before": p0, "params_after": field.num_params,
                "alignment_before": before["alignment"], "alignment_after": after["alignment"],
                "energy": flow.energy.value(), "captured": captured, "max_value_change": change}
-        flow.expansions = [*getattr(flow, "expansions", []), rec]
-        flow._last_expansion = flow.iteration
+        flow.expansions.append(rec)
+        flow.last_expansion = flow.iteration
         flow.history.append(dict(rec))
         return rec
 

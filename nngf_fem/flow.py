@@ -127,6 +127,9 @@ class NaturalGradientFlow:
         self.iteration = 0
         self.tau = float(max_step)
         self.history: list[dict[str, Any]] = []
+        #: expansion records (see :mod:`nngf_fem.expansion`) and the last one's iteration
+        self.expansions: list[dict[str, Any]] = []
+        self.last_expansion = -1
         self._energy: float | None = None
 
     # ------------------------------------------------------------- pieces

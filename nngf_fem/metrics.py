@@ -137,10 +137,7 @@ class Metric:
         return self.comm.allreduce(float(np.dot(e, g)))
 
     def dense_matrix(self) -> np.ndarray:
-        """Dense local-by-global block of ``A_H`` is not needed; the full serial matrix.
-
-        Small problems and tests only. Works on one rank.
-        """
+        """``A_H`` as a dense array (serial debugging helper for small problems)."""
         if self.comm.size != 1:
             raise RuntimeError("dense_matrix() is a serial debugging helper")
         if self.is_fe:

@@ -33,6 +33,7 @@ from dolfinx.fem.petsc import (
     create_vector,
     set_bc,
 )
+from mpi4py import MPI
 from petsc4py import PETSc
 
 __all__ = ["PDEConstrainedEnergy", "Tikhonov", "add_noise", "coordinate_noise",
@@ -350,7 +351,7 @@ def add_noise(data: fem.Function, level: float, seed: int = 0) -> fem.Function:
     V = data.function_space
     imap, bs = V.dofmap.index_map, V.dofmap.index_map_bs
     comm = V.mesh.comm
-    scale = level * comm.allreduce(float(np.max(np.abs(data.x.array), initial=0.0)), op=_max())
+    scale = level * comm.allreduce(float(np.max(np.abs(data.x.array), initial=0.0)), op=MPI.MAX)
     n = imap.size_local
     X = V.tabulate_dof_coordinates()[:n]
     keys = np.column_stack([np.repeat(X, bs, axis=0), np.tile(np.arange(bs), n)])
@@ -358,12 +359,6 @@ def add_noise(data: fem.Function, level: float, seed: int = 0) -> fem.Function:
     out.x.array[: n * bs] = data.x.array[: n * bs] + scale * coordinate_noise(keys, seed)
     out.x.scatter_forward()
     return out
-
-
-def _max():
-    from mpi4py import MPI
-
-    return MPI.MAX
 
 
 def discrepancy_stop(energy: PDEConstrainedEnergy, noise_misfit: float, tau: float = 1.1):
