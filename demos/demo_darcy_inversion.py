@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 import ufl
+from tqdm.auto import tqdm
 from dolfinx import fem, mesh
 from mpi4py import MPI
 
@@ -121,20 +122,20 @@ def monitor(fl, rec):
     rec["misfit"] = energy.misfit_value()
     rec["pde_solves"] = energy.counters["forward"] + energy.counters["adjoint"]
     rec["wall"] = time.perf_counter() - t0
-    if comm.rank == 0 and not args.quiet:
-        print(f"it {rec['iteration'] + 1:4d}  E {rec['energy']:.4e}  misfit {rec['misfit']:.3e}  "
-              f"k err {rec['k_rel_l2_error']:.3e}  align {rec['alignment']:.2f}  "
-              f"P {rec['n_params']}", flush=True)
+    if comm.rank == 0 and not args.quiet and (rec["iteration"] + 1) % 10 == 0:
+        tqdm.write(f"it {rec['iteration'] + 1:4d}  misfit {rec['misfit']:.3e}  "
+                   f"k err {rec['k_rel_l2_error']:.3e}  align {rec['alignment']:.2f}  "
+                   f"P {rec['n_params']}")
     if policy is not None and policy.should_expand(fl):
         e = policy.expand(fl)
         if comm.rank == 0 and not args.quiet:
-            print(f"     expand ({e['kind']}): {e['params_before']} -> {e['params_after']} "
-                  f"parameters, alignment {e['alignment_before']:.2f} -> "
-                  f"{e['alignment_after']:.2f}", flush=True)
+            tqdm.write(f"     it {e['iteration']}: expand ({e['kind']}) {e['params_before']} -> "
+                       f"{e['params_after']} parameters, alignment "
+                       f"{e['alignment_before']:.2f} -> {e['alignment_after']:.2f}")
 
 
 flow.run(args.iterations, callback=monitor, checkpoint=str(ckpt),
-         checkpoint_every=args.checkpoint_every)
+         checkpoint_every=args.checkpoint_every, progress=not args.quiet)
 steps = [h for h in flow.history if h.get("kind") is None]
 final = steps[-1]
 nf.io.write_history(out, flow.history, comm, meta={"demo": "darcy_inversion", "args": vars(args),

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 import ufl
+from tqdm.auto import tqdm
 from dolfinx import fem, mesh
 from mpi4py import MPI
 
@@ -84,13 +85,13 @@ def monitor(fl, rec):
     rec["wall"] = time.perf_counter() - t0
     it = rec["iteration"]
     if comm.rank == 0 and not args.quiet and (it < 5 or (it + 1) % 10 == 0):
-        print(f"it {it + 1:4d}  E {rec['energy']:.12f}  rel L2 err {rec['rel_l2_error']:.3e}  "
-              f"align {rec['alignment']:.3f}  eps {rec['eps']:.1e}  CG its {rec['ksp_its']}",
-              flush=True)
+        tqdm.write(f"it {it + 1:4d}  E {rec['energy']:.12f}  rel L2 err "
+                   f"{rec['rel_l2_error']:.3e}  align {rec['alignment']:.3f}  "
+                   f"eps {rec['eps']:.1e}  CG its {rec['ksp_its']}")
 
 
 flow.run(args.iterations, callback=monitor, checkpoint=str(ckpt),
-         checkpoint_every=args.checkpoint_every)
+         checkpoint_every=args.checkpoint_every, progress=not args.quiet)
 history = flow.history
 reached = next((h["iteration"] + 1 for h in history if h["rel_l2_error"] <= args.tol), None)
 final = history[-1]["rel_l2_error"]
