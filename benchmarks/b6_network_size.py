@@ -11,9 +11,6 @@ the memory a dense Gram matrix would need (8 P^2 bytes). Writes JSON.
 import nngf_fem as nf  # noqa: I001
 
 import argparse
-import json
-import pathlib
-import platform
 import resource
 import statistics
 import time
@@ -23,11 +20,13 @@ import ufl
 from dolfinx import mesh
 from mpi4py import MPI
 
+from _common import RESULTS, print_table, write_json
+
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--n", type=int, default=64, help="cells per side")
 parser.add_argument("--widths", default="30,100,315", help="hidden widths (depth 2)")
 parser.add_argument("--repeats", type=int, default=3)
-parser.add_argument("--out", default="benchmarks/results/b6_network_size.json")
+parser.add_argument("--out", default=str(RESULTS / "b6_network_size.json"))
 args = parser.parse_args()
 
 comm = MPI.COMM_WORLD
@@ -54,19 +53,10 @@ for width in map(int, args.widths.split(",")):
                  "solve_s_median": statistics.median(times), "solve_s_all": times,
                  "cg_its": its, "peak_rss_MiB": rss, "dense_gram_GiB": 8 * P**2 / 2**30})
     metric.destroy()
-if comm.rank == 0:
-    print(f"B6: one natural-gradient solve, H1 Gram, P1 {args.n}x{args.n}, {comm.size} rank(s)")
-    print(f"{'params':>8}{'solve [s]':>11}{'CG its':>8}{'peak RSS [MiB]':>16}{'dense G [GiB]':>15}")
-    for r in rows:
-        print(f"{r['params']:>8}{r['solve_s_median']:>11.2f}{r['cg_its'][0]:>8}"
-              f"{r['peak_rss_MiB']:>16.0f}{r['dense_gram_GiB']:>15.3f}")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "dolfinx": __import__("dolfinx").__version__, "nngf_fem": nf.__version__,
-           "machine": platform.machine(), "ranks": comm.size,
-           "torch_threads": torch.get_num_threads()}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"benchmark": "B6", "env": env, "args": vars(args), "rows": rows},
-                              indent=1))
-    tmp.replace(out)
+for r in rows:
+    r["cg_its_first"] = r["cg_its"][0]
+print_table(f"B6: one natural-gradient solve, H1 Gram, P1 {args.n}x{args.n}, {comm.size} rank(s)",
+            [("params", "params"), ("solve_s_median", "solve [s]"), ("cg_its_first", "CG its"),
+             ("peak_rss_MiB", "peak RSS [MiB]"), ("dense_gram_GiB", "dense Gram would need [GiB]")],
+            rows)
+write_json(args.out, {"benchmark": "B6", "args": vars(args), "rows": rows})

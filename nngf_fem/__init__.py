@@ -26,6 +26,12 @@ from nngf_fem.baselines import TorchOptimizerFlow
 from nngf_fem.expansion import ExpansionPolicy, run_expansive
 from nngf_fem.checkpoint import load_checkpoint, save_checkpoint
 from nngf_fem.observations import PointObservations
+from nngf_fem.parametric import (
+    ParametricEnergy,
+    ParametricField,
+    ParametricRegressionEnergy,
+    ProductMetric,
+)
 from nngf_fem.pde import PDEConstrainedEnergy, Tikhonov, add_noise, discrepancy_stop
 from nngf_fem.taylor import TaylorResult, taylor_test
 from nngf_fem import io, meshes
@@ -36,6 +42,10 @@ __all__ = [
     "TaylorResult",
     "Tikhonov",
     "PDEConstrainedEnergy",
+    "ParametricEnergy",
+    "ParametricField",
+    "ParametricRegressionEnergy",
+    "ProductMetric",
     "PointRegressionEnergy",
     "PointObservations",
     "__version__",

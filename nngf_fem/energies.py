@@ -29,8 +29,11 @@ class EnergyFunctional:
     """Base class of energies of one neural field (see module docstring)."""
 
     def __init__(self, field: NeuralField):
-        if not isinstance(field, NeuralField):
-            raise TypeError(f"field must be a NeuralField, got {type(field).__name__}")
+        from nngf_fem.parametric import ParametricField
+
+        if not isinstance(field, NeuralField | ParametricField):
+            raise TypeError(
+                f"field must be a NeuralField or ParametricField, got {type(field).__name__}")
         self.field = field
         self.comm = field.comm
         self.counters = {"value": 0, "derivative": 0}

@@ -110,7 +110,12 @@ class NaturalGradientFlow:
         self.field = energy.field
         self.comm = self.field.comm
         self._own_metric = metric is None
-        self.metric = H1(self.field) if metric is None else metric
+        if metric is None:
+            from nngf_fem.parametric import ParametricField, ProductMetric
+
+            is_param = isinstance(self.field, ParametricField)
+            metric = ProductMetric(self.field) if is_param else H1(self.field)
+        self.metric = metric
         if self.metric.field is not self.field:
             raise ValueError("the metric is defined on a different field than the energy")
         self.solver = NaturalGradientSolver(self.metric, method,

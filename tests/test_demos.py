@@ -18,6 +18,9 @@ CASES = {
                                 "--tol", "0.3", "--quiet"],
     "demo_regression.py": ["--n", "8", "--width", "8", "--iterations", "10",
                            "--methods", "H1,Euclidean,Adam,LBFGS", "--expand"],
+    "demo_parametric.py": ["--n", "8", "--train", "3", "--test", "3", "--width", "8",
+                           "--iterations", "15", "--nystrom-rank", "16", "--adam", "--pod", "2",
+                           "--tol", "0.5", "--quiet"],
 }
 
 

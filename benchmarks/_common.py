@@ -1,0 +1,105 @@
+"""Shared helpers of the benchmark scripts: environment record, tables, atomic JSON.
+
+Every benchmark prints a table on rank 0 and writes one JSON file with the
+environment (versions, ranks, threads, machine), the arguments, the sizes and the
+raw timings, so that a table in BENCHMARKS.md can be traced to the run behind it.
+"""
+
+import nngf_fem as nf  # noqa: I001  (load order of the pip DOLFINx wheel)
+
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def environment(comm: MPI.Comm = MPI.COMM_WORLD) -> dict[str, Any]:
+    """Versions, machine and parallel layout of this run."""
+    import dolfinx
+    import petsc4py
+
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "dolfinx": dolfinx.__version__, "petsc4py": petsc4py.__version__,
+        "numpy": np.__version__, "nngf_fem": nf.__version__,
+        "machine": platform.machine(), "processor": platform.processor(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "ranks": comm.size, "torch_threads": torch.get_num_threads(),
+        "dtype": "float64",
+    }
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float | np.floating):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.ndarray):
+        return _clean(v.tolist())
+    if isinstance(v, list | tuple):
+        return [_clean(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    return v
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any],
+               comm: MPI.Comm = MPI.COMM_WORLD) -> pathlib.Path:
+    """Write ``payload`` (plus ``env``) as JSON on rank 0, atomically (temp name + rename)."""
+    path = pathlib.Path(path)
+    if comm.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(_clean({"env": environment(comm), **payload}), indent=1))
+        os.replace(tmp, path)
+    comm.Barrier()
+    return path
+
+
+def median(values: Sequence[float]) -> float:
+    """Median of finite values (NaN when there are none)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(vals) if vals else math.nan
+
+
+def fmt(v: Any, spec: str = ".3g") -> str:
+    """Format a table cell (``-`` for missing values)."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, int | np.integer):
+        return f"{int(v):,}"
+    if isinstance(v, float | np.floating):
+        return f"{float(v):,.0f}" if abs(v) >= 1000 else format(float(v), spec)
+    return str(v)
+
+
+def print_table(title: str, columns: Sequence[tuple[str, str]], rows: Sequence[dict],
+                comm: MPI.Comm = MPI.COMM_WORLD) -> str:
+    """Print (rank 0) and return a Markdown table; ``columns`` are ``(key, header)``."""
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
+    body = ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    text = "\n".join([title, "", head, sep, *body])
+    if comm.rank == 0:
+        print(text, flush=True)
+    return text
+
+
+def save_plot(fig, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure atomically (rank 0 calls this)."""
+    from nngf_fem.io import _save_png
+
+    _save_png(fig, path)
