@@ -373,13 +373,73 @@ class NeuralField:
 
         return f
 
-    def linearize(self, with_grad: bool = False) -> "Linearization":
+    def _linear_layers_jacobian(self) -> np.ndarray | None:
+        """``J`` of the values from one forward and ``m`` backward passes, or None.
+
+        For networks whose parameters all sit in ``nn.Linear`` layers, each used once
+        (MLP, ResMLP and their grown versions): with the layer input ``h`` and the
+        backpropagated output sensitivity ``delta`` of every point (points are
+        independent, so one backward pass of the summed output gives all of them), the
+        per-point derivatives are ``delta (x) h`` for the weight and ``delta`` for the
+        bias. Returns None when the module is of another kind (the caller then uses
+        ``vmap``).
+        """
+        linears = {name: mod for name, mod in self.module.named_modules()
+                   if isinstance(mod, torch.nn.Linear)}
+        slots = {}
+        for name, mod in linears.items():
+            for kind in ("weight", "bias"):
+                if getattr(mod, kind) is not None:
+                    slots[f"{name}.{kind}" if name else kind] = (name, kind)
+        named = list(self.module.named_parameters())
+        if not named or any(n not in slots for n, _ in named):
+            return None
+        seen: dict[str, list] = {name: [] for name in linears}
+        handles = [mod.register_forward_hook(
+            lambda mod, inp, out, name=name: seen[name].append((inp[0].detach(), out)))
+            for name, mod in linears.items()]
+        try:
+            with torch.enable_grad():
+                x = self._torch_points()
+                u = self.post(self.module(self._inputs(x)), x)
+        finally:
+            for h in handles:
+                h.remove()
+        used = [name for name in linears if seen[name]]
+        if any(len(seen[name]) != 1 for name in used):
+            return None  # a layer applied twice: per-point products do not separate
+        n, m = x.shape[0], self.value_size
+        J = np.empty((n, m, self.num_params))
+        outs = [seen[name][0][1] for name in used]
+        for c in range(m):
+            deltas = dict(zip(used, torch.autograd.grad(
+                u[:, c].sum(), outs, retain_graph=c < m - 1, allow_unused=True), strict=True))
+            col = 0
+            for pname, p in named:
+                lname, kind = slots[pname]
+                d = deltas.get(lname)
+                if d is None:  # layer not on the path to the output
+                    J[:, c, col:col + p.numel()] = 0.0
+                elif kind == "bias":
+                    J[:, c, col:col + p.numel()] = d.numpy()
+                else:
+                    h = seen[lname][0][0]
+                    J[:, c, col:col + p.numel()] = (
+                        d[:, :, None] * h[:, None, :]).reshape(n, -1).numpy()
+                col += p.numel()
+        return J.reshape(n * m, -1)
+
+    def linearize(self, with_grad: bool = False,
+                  cache_mb: float | None = None) -> "Linearization":
         """Linearization at the current parameters (J v and J^T w products).
 
         Args:
             with_grad: also differentiate the x-derivatives of the field (quadrature H1).
+            cache_mb: budget of an explicit local Jacobian (default
+                :data:`JACOBIAN_CACHE_MB`; 0 = always matrix-free).
         """
-        return Linearization(self, with_grad)
+        return Linearization(self, with_grad,
+                             JACOBIAN_CACHE_MB if cache_mb is None else cache_mb)
 
     def jacobian(self, with_grad: bool = False) -> np.ndarray:
         """Dense local Jacobian ``(rows, P)`` of the owned values (small problems only).
@@ -387,33 +447,108 @@ class NeuralField:
         With ``with_grad`` the rows of the x-derivatives are appended (point-major,
         then component, then direction).
         """
+        Jv, Jg = self.jacobian_parts(with_grad)
+        return Jv if Jg is None else np.concatenate([Jv, Jg])
+
+    def jacobian_parts(self, with_grad: bool = False, chunk_mb: float = 64.0
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Value rows ``(n m, P)`` and x-derivative rows ``(n m gdim, P)`` (or None) of ``J``.
+
+        Per-point parameter gradients, ``vmap`` over points of ``jacrev`` of a one-point
+        evaluation (one batched backward pass, not one pass per row or column), in
+        chunks of about ``chunk_mb`` MiB. Falls back to ``jacfwd``/``jacrev`` of the flat
+        evaluator for modules that ``vmap`` cannot batch.
+        """
+        if not with_grad:
+            J = self._linear_layers_jacobian()
+            if J is not None:
+                return J, None
         params = self.param_dict()
-        f = self.flat_evaluator(with_grad)
-        rows = self.local_size * (1 + (self.gdim if with_grad else 0))
-        jac = (jacfwd if self.num_params < rows else jacrev)(f)(params)
-        return torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in params], dim=1).numpy()
+        m, gd, P = self.value_size, self.gdim, self.num_params
+        width = m * (1 + (gd if with_grad else 0))
+
+        def one(p, xi):
+            v = self.evaluate(p, xi[None, :])[0]
+            if not with_grad:
+                return v
+            dx = jacrev(lambda xx: self.evaluate(p, xx[None, :])[0])(xi)
+            return torch.cat([v, dx.reshape(-1)])
+
+        x = self._torch_points()
+        per_point = vmap(jacrev(one), in_dims=(None, 0))
+        chunk = max(1, int(chunk_mb * 2**20 / (8 * max(1, width * P))))
+        try:
+            blocks = []
+            for i in range(0, max(x.shape[0], 1), chunk):
+                jac = per_point(params, x[i : i + chunk])
+                blocks.append(torch.cat([jac[n].reshape(jac[n].shape[0], width, -1)
+                                         for n in params], dim=2))
+            J = torch.cat(blocks).numpy() if x.shape[0] else np.zeros((0, width, P))
+        except RuntimeError:  # not vmappable (e.g. data-dependent control flow)
+            f = self.flat_evaluator(with_grad)
+            rows = self.local_size * (1 + (gd if with_grad else 0))
+            jac = (jacfwd if P < rows else jacrev)(f)(params)
+            Jf = torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in params], dim=1).numpy()
+            n = self.local_size
+            return Jf[:n], (Jf[n:] if with_grad else None)
+        Jv = np.ascontiguousarray(J[:, :m].reshape(-1, P))
+        Jg = np.ascontiguousarray(J[:, m:].reshape(-1, P)) if with_grad else None
+        return Jv, Jg
+
+
+#: Linearizations keep an explicit local Jacobian when it needs at most this many MiB
+JACOBIAN_CACHE_MB = 512.0
 
 
 class Linearization:
     """The parameter Jacobian ``J`` of a :class:`NeuralField` at fixed parameters, as products.
 
     ``jvp(v)`` returns ``J v`` at the owned points; ``vjp(w)`` returns ``J^T w`` summed
-    over all ranks (identical on every rank). The reverse-mode graph is built once
-    and reused by every ``vjp`` (cheap repeated products inside a Krylov solve).
+    over all ranks (identical on every rank). When the local ``J`` (rows x P) fits in
+    ``cache_mb`` MiB it is formed once (:meth:`NeuralField.jacobian_parts`, one batched
+    backward pass) and every product is a BLAS call; otherwise products are torch
+    forward/reverse-mode passes, the reverse-mode graph built once and reused. The Gram
+    matrix ``G`` itself is never formed on either path.
+
+    Args:
+        field: the neural (or parametric) field.
+        with_grad: also differentiate the x-derivatives of the field (quadrature H1).
+        cache_mb: memory budget of an explicit local Jacobian (0: always matrix-free).
     """
 
-    def __init__(self, field: NeuralField, with_grad: bool = False):
+    def __init__(self, field: NeuralField, with_grad: bool = False,
+                 cache_mb: float = JACOBIAN_CACHE_MB):
         self.field = field
         self.with_grad = with_grad
+        P = field.num_params
+        self.n_rows = field.local_size * (1 + (field.gdim if with_grad else 0))
+        self.J: np.ndarray | None = None
+        self._values: np.ndarray | None = None
+        if self.n_rows * P * 8 <= cache_mb * 2**20:
+            self.J = field.jacobian(with_grad)
+            return
         self._params = field.param_dict()
-        f = field.flat_evaluator(with_grad)
-        self._f = f
-        out, self._vjp_fn = torch.func.vjp(f, self._params)
-        self.values = out.detach().numpy()
-        self.n_rows = out.shape[0]
+        self._f = field.flat_evaluator(with_grad)
+        _, self._vjp_fn = torch.func.vjp(self._f, self._params)
+
+    @property
+    def values(self) -> np.ndarray:
+        """The linearized rows' values at the linearization point (values, x-derivatives)."""
+        if self._values is None:
+            with torch.no_grad():
+                self._values = self.field.flat_evaluator(self.with_grad)(
+                    self.field.param_dict()).numpy()
+        return self._values
+
+    @property
+    def cached(self) -> bool:
+        """Whether the local Jacobian is held explicitly."""
+        return self.J is not None
 
     def jvp(self, v: np.ndarray) -> np.ndarray:
         """``J v`` for a flat parameter-space vector ``v``; rows as :meth:`NeuralField.jacobian`."""
+        if self.J is not None:
+            return self.J @ np.asarray(v, dtype=np.float64)
         tangent = self.field.unflatten(v)
         _, jv = torch.func.jvp(self._f, (self._params,), (tangent,))
         return jv.detach().numpy()
@@ -423,6 +558,22 @@ class Linearization:
         w = np.asarray(w, dtype=np.float64)
         if w.shape != (self.n_rows,):
             raise ValueError(f"w must have shape ({self.n_rows},), got {w.shape}")
+        if self.J is not None:
+            return allreduce_sum(self.field.comm, self.J.T @ w)
         (g,) = self._vjp_fn(torch.from_numpy(w))
         local = NeuralField.flatten(g).detach().numpy()
         return allreduce_sum(self.field.comm, local)
+
+    def jvp_block(self, V: np.ndarray) -> np.ndarray:
+        """``J V`` for a block of parameter-space vectors ``V`` (P x l)."""
+        if self.J is not None:
+            return self.J @ V
+        return np.column_stack([self.jvp(V[:, j]) for j in range(V.shape[1])])
+
+    def vjp_block(self, W: np.ndarray) -> np.ndarray:
+        """``J^T W`` (allreduced once) for a block ``W`` (local rows x l)."""
+        if W.shape[0] != self.n_rows:
+            raise ValueError(f"W must have {self.n_rows} rows, got {W.shape}")
+        if self.J is not None:
+            return allreduce_sum(self.field.comm, self.J.T @ W)
+        return np.column_stack([self.vjp(W[:, j]) for j in range(W.shape[1])])

@@ -68,6 +68,8 @@ class NaturalGradientFlow:
         preconditioner: ``"nystrom"`` (default: randomized Nystrom, ``nystrom_rank``
             Gram products per step) or ``None`` for the natural-gradient KSP.
         nystrom_rank: sketch size of the Nystrom preconditioner.
+        nystrom_refresh: solves a Nystrom sketch is reused for (see
+            :class:`~nngf_fem.gram.NaturalGradientSolver`; 1 = a new sketch every step).
         petsc_options_prefix: prefix of the natural-gradient KSP.
         petsc_options: options of the natural-gradient KSP (CG, rtol 1e-10 default).
         raise_on_failure: raise :class:`FlowDivergedError` when the energy becomes
@@ -92,6 +94,7 @@ class NaturalGradientFlow:
         alignment: bool = True,
         preconditioner: str | None = "nystrom",
         nystrom_rank: int = 32,
+        nystrom_refresh: int = 1,
         petsc_options_prefix: str = "nngf_ng_",
         petsc_options: Mapping[str, Any] | None = None,
         raise_on_failure: bool = True,
@@ -121,6 +124,7 @@ class NaturalGradientFlow:
         self.solver = NaturalGradientSolver(self.metric, method,
                                             preconditioner=preconditioner,
                                             nystrom_rank=nystrom_rank,
+                                            nystrom_refresh=nystrom_refresh,
                                             petsc_options_prefix=petsc_options_prefix,
                                             petsc_options=petsc_options)
         self.eps, self.eps_min, self.eps_max = float(eps), float(eps_min), float(eps_max)
@@ -175,6 +179,8 @@ class NaturalGradientFlow:
         return {"e": e, "b": b, "d": d, "bd": bd, "dGd": dGd, "gnorm": gnorm,
                 "alignment": align, "ksp_its": self.solver.iterations,
                 "ksp_reason": self.solver.reason, "riesz_its": riesz_its,
+                "sketch_products": getattr(self.solver, "sketch_products", 0),
+                "t_sketch": getattr(self.solver, "t_sketch", 0.0),
                 "t_pde": t1 - t0, "t_network": t2 - t1, "t_riesz": t3 - t2, "t_ng": t4 - t3}
 
     # --------------------------------------------------------------- step
@@ -237,6 +243,7 @@ class NaturalGradientFlow:
             "step": tau if accepted else 0.0,
             "eps": eps_used, "rho": rho, "accepted": accepted, "backtracks": n_bt,
             "ksp_its": info["ksp_its"], "ksp_reason": info["ksp_reason"],
+            "sketch_products": info["sketch_products"], "t_sketch": info["t_sketch"],
             "riesz_its": info["riesz_its"], "n_params": self.field.num_params,
             "bd": bd, "t_pde": t_pde + info["t_pde"] + t_ls, "t_riesz": info["t_riesz"],
             "t_ng": info["t_ng"], "t_network": info["t_network"],
@@ -325,7 +332,7 @@ class NaturalGradientFlow:
         """Flow state (parameters included) for checkpoints."""
         return {"iteration": self.iteration, "eps": self.eps, "tau": self.tau,
                 "energy": self._energy, "history": [dict(h) for h in self.history],
-                "parameters": self.field.get_parameters()}
+                "parameters": self.field.get_parameters(), "solver": self.solver.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (same network architecture)."""
@@ -334,6 +341,8 @@ class NaturalGradientFlow:
         self.eps, self.tau = float(state["eps"]), float(state["tau"])
         self._energy = state["energy"]
         self.history = [dict(h) for h in state["history"]]
+        if "solver" in state:
+            self.solver.load_state_dict(state["solver"])
 
     def reset_cache(self) -> None:
         """Forget the cached energy (after the parameters were changed from outside)."""

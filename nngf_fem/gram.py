@@ -13,6 +13,7 @@ from nngf_fem.metrics import Metric
 from nngf_fem.mpi import allreduce_sum
 from nngf_fem.solvers import KrylovSolver
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +50,13 @@ class GramOperator:
         self.mults += 1
         w = self.lin.jvp(v)
         return self.lin.vjp(self.metric.apply(w)) + self.eps * v
+
+    def apply_block(self, V: np.ndarray) -> np.ndarray:
+        """``(G + eps I) V`` for a block of replicated parameter vectors ``V`` (P x l)."""
+        self.mults += V.shape[1]
+        W = self.lin.jvp_block(V)
+        AW = np.column_stack([self.metric.apply(W[:, j]) for j in range(V.shape[1])])
+        return self.lin.vjp_block(AW) + self.eps * V
 
     # PETSc python-matrix protocol
     def mult(self, mat: PETSc.Mat, x: PETSc.Vec, y: PETSc.Vec) -> None:
@@ -109,7 +117,7 @@ class NystromPreconditioner:
         omega, _ = np.linalg.qr(omega)
         eps, op.eps = op.eps, 0.0
         try:
-            Y = np.column_stack([op.apply(omega[:, j]) for j in range(l)])
+            Y = op.apply_block(omega)
         finally:
             op.eps = eps
         nu = np.sqrt(P) * np.finfo(float).eps * np.linalg.norm(Y)
@@ -118,11 +126,25 @@ class NystromPreconditioner:
         C = np.linalg.cholesky(0.5 * (M + M.T))
         B = np.linalg.solve(C, Y.T).T  # Y C^{-T}
         U, S, _ = np.linalg.svd(B, full_matrices=False)
-        self.U = U
-        self.lam = np.maximum(S**2 - nu, 0.0)
-        self.mu = eps
+        self._set(U, np.maximum(S**2 - nu, 0.0), eps)
         self.sketch_products = l
+
+    def _set(self, U: np.ndarray, lam: np.ndarray, mu: float) -> None:
+        self.U, self.lam, self.mu = U, lam, float(mu)
+        self.sketch_products = 0
         self._scatter = self._full = None
+
+    @classmethod
+    def from_factors(cls, U: np.ndarray, lam: np.ndarray, mu: float) -> "NystromPreconditioner":
+        """A preconditioner from stored factors ``G ~ U diag(lam) U^T`` (e.g. a checkpoint)."""
+        pre = cls.__new__(cls)
+        pre._set(np.asarray(U, dtype=np.float64), np.asarray(lam, dtype=np.float64), mu)
+        return pre
+
+    @property
+    def num_params(self) -> int:
+        """Size ``P`` of the parameter space the sketch was taken in."""
+        return self.U.shape[0]
 
     def apply_full(self, v: np.ndarray) -> np.ndarray:
         """``P^{-1} v`` for a replicated parameter vector."""
@@ -171,8 +193,13 @@ class NaturalGradientSolver:
         method: ``"krylov"`` (matrix-free shell matrix + KSP, default) or ``"dense"``
             (explicit J, Cholesky with eps, least squares when eps = 0).
         preconditioner: ``None`` or ``"nystrom"`` (randomized Nystrom, rank
-            ``nystrom_rank``; costs that many Gram products per solve).
+            ``nystrom_rank``; a sketch costs that many Gram products).
         nystrom_rank: sketch size of the Nystrom preconditioner.
+        nystrom_refresh: the sketch is reused for this many solves (``G`` changes slowly
+            along a flow; the shift ``eps`` is always the current one) and taken anew
+            earlier when the parameter count changes or CG needs more than twice the
+            iterations (plus 5) it needed right after the last sketch. ``1`` sketches
+            at every solve.
         petsc_options_prefix: prefix of the KSP options (default ``nngf_ng_``).
         petsc_options: KSP options (defaults: CG, rtol 1e-10, no preconditioner; use
             ``{"ksp_type": "minres"}`` for MINRES).
@@ -180,6 +207,7 @@ class NaturalGradientSolver:
 
     def __init__(self, metric: Metric, method: str = "krylov", *,
                  preconditioner: str | None = None, nystrom_rank: int = 32,
+                 nystrom_refresh: int = 1,
                  petsc_options_prefix: str = "nngf_ng_",
                  petsc_options: Mapping[str, Any] | None = None):
         if method not in ("krylov", "dense"):
@@ -187,7 +215,14 @@ class NaturalGradientSolver:
         if preconditioner not in (None, "nystrom"):
             raise ValueError(
                 f"preconditioner={preconditioner!r} is not known; allowed: None, 'nystrom'")
+        if not isinstance(nystrom_refresh, int) or nystrom_refresh < 1:
+            raise ValueError(f"nystrom_refresh must be an integer >= 1, got {nystrom_refresh!r}")
         self.preconditioner, self.nystrom_rank = preconditioner, int(nystrom_rank)
+        self.nystrom_refresh = nystrom_refresh
+        self._nystrom: NystromPreconditioner | None = None
+        self._nystrom_age = 0  # solves since the last sketch
+        self._nystrom_its0 = 0  # CG iterations of the first solve with that sketch
+        self.sketch_products = 0
         self.metric, self.method = metric, method
         self.prefix, self.petsc_options = petsc_options_prefix, dict(petsc_options or {})
         self.iterations = 0
@@ -212,10 +247,9 @@ class NaturalGradientSolver:
                               petsc_options=self.petsc_options, defaults=NG_DEFAULTS,
                               raise_on_failure=False)
         pre = None
-        self.sketch_products = 0
+        self.sketch_products, self.t_sketch = 0, 0.0
         if self.preconditioner == "nystrom":
-            pre = NystromPreconditioner(op, self.nystrom_rank)
-            self.sketch_products = pre.sketch_products
+            pre = self._nystrom_for(op)
             pc = solver.ksp.getPC()
             pc.setType(PETSc.PC.Type.PYTHON)
             pc.setPythonContext(pre)
@@ -227,6 +261,10 @@ class NaturalGradientSolver:
             solver.solve(rhs, x)
             self.iterations, self.reason = solver.iterations, solver.reason
             self.converged = solver.converged
+            if pre is not None:
+                if self._nystrom_age == 0:
+                    self._nystrom_its0 = self.iterations
+                self._nystrom_age += 1
             scatter, full = PETSc.Scatter.toAll(x)
             scatter.scatter(x, full, addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
             d = full.array_r.copy()
@@ -241,3 +279,33 @@ class NaturalGradientSolver:
             op.destroy()
         # d^T G d = d^T (G + eps) d - eps |d|^2 = -b.d - eps |d|^2
         return d, float(-(b @ d) - eps * (d @ d))
+
+    def _nystrom_for(self, op: GramOperator) -> NystromPreconditioner:
+        """The Nystrom preconditioner for this solve: the kept sketch, or a new one."""
+        pre = self._nystrom
+        stale = (pre is None or pre.num_params != op.num_params
+                 or self._nystrom_age >= self.nystrom_refresh
+                 or self.iterations > 2 * self._nystrom_its0 + 5)
+        if stale:
+            t0 = time.perf_counter()
+            pre = self._nystrom = NystromPreconditioner(op, self.nystrom_rank)
+            self.t_sketch = time.perf_counter() - t0
+            self.sketch_products = pre.sketch_products
+            self._nystrom_age = 0
+        pre.mu = op.eps
+        return pre
+
+    def state_dict(self) -> dict[str, Any]:
+        """The kept Nystrom sketch (so that a resumed flow repeats the same solves)."""
+        pre = self._nystrom
+        return {"nystrom": None if pre is None else {"U": pre.U, "lam": pre.lam},
+                "age": self._nystrom_age, "its0": self._nystrom_its0,
+                "iterations": self.iterations}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        nys = state["nystrom"]
+        self._nystrom = None if nys is None else NystromPreconditioner.from_factors(
+            nys["U"], nys["lam"], 0.0)
+        self._nystrom_age, self._nystrom_its0 = int(state["age"]), int(state["its0"])
+        self.iterations = int(state["iterations"])

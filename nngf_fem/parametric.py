@@ -17,7 +17,7 @@ Row layout of a parametric linearization: the values of sample 1, ..., sample S,
 """
 
 from nngf_fem.energies import EnergyFunctional, RegressionEnergy
-from nngf_fem.field import Linearization, NeuralField
+from nngf_fem.field import JACOBIAN_CACHE_MB, Linearization, NeuralField
 from nngf_fem.metrics import H1, Metric
 from nngf_fem.mpi import raise_on_any
 
@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from dolfinx import fem
 from dolfinx import mesh as dmesh
-from torch.func import jacfwd, jacrev
 
 __all__ = ["ParametricEnergy", "ParametricField", "ParametricRegressionEnergy", "ProductMetric"]
 
@@ -206,17 +205,14 @@ class ParametricField:
 
         return f
 
-    def linearize(self, with_grad: bool = False) -> Linearization:
+    def linearize(self, with_grad: bool = False, cache_mb: float | None = None) -> Linearization:
         """Stacked linearization (``J v`` of all samples, ``J^T w`` summed)."""
-        return Linearization(self, with_grad)
+        return Linearization(self, with_grad, JACOBIAN_CACHE_MB if cache_mb is None else cache_mb)
 
     def jacobian(self, with_grad: bool = False) -> np.ndarray:
-        """Dense stacked Jacobian ``(rows, P)`` (small problems and tests)."""
-        params = self.param_dict()
-        f = self.flat_evaluator(with_grad)
-        rows = self.local_size * (1 + (self.gdim if with_grad else 0))
-        jac = (jacfwd if self.num_params < rows else jacrev)(f)(params)
-        return torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in params], dim=1).numpy()
+        """Dense stacked Jacobian ``(rows, P)`` (value rows of all samples, then x-derivatives)."""
+        parts = [s.jacobian_parts(with_grad) for s in self.samples]
+        return np.concatenate([p[0] for p in parts] + ([p[1] for p in parts] if with_grad else []))
 
 
 class ProductMetric:

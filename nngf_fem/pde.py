@@ -20,6 +20,7 @@ from nngf_fem.mpi import raise_on_any
 from nngf_fem.observations import PointObservations
 from nngf_fem.solvers import KrylovSolver
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -92,6 +93,9 @@ class PDEConstrainedEnergy(EnergyFunctional):
         newton_rtol: relative residual tolerance of Newton.
         newton_atol: absolute residual tolerance of Newton.
         newton_max_it: maximal Newton iterations.
+        reuse_factorization: for linear problems solved by a direct method (the
+            default LU), solve the adjoint system with the transpose of the forward
+            factorization instead of assembling and factorizing ``(dF/dy)^*`` anew.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class PDEConstrainedEnergy(EnergyFunctional):
         newton_rtol: float = 1e-12,
         newton_atol: float = 1e-14,
         newton_max_it: int = 50,
+        reuse_factorization: bool = True,
     ):
         super().__init__(control)
         if misfit is None and observations is None:
@@ -166,6 +171,10 @@ class PDEConstrainedEnergy(EnergyFunctional):
         self.newton_rtol, self.newton_atol = newton_rtol, newton_atol
         self.newton_max_it = int(newton_max_it)
         self.counters.update({"forward": 0, "adjoint": 0, "newton_iterations": 0})
+        #: seconds spent in forward (Newton) and adjoint solves, assembly included
+        self.timings = {"forward": 0.0, "adjoint": 0.0}
+        self.reuse_factorization = bool(reuse_factorization)
+        self._A_for: np.ndarray | None = None  # control values the forward matrix was built at
         self._solved_for: np.ndarray | None = None
         self._last_misfit = float("nan")
 
@@ -216,11 +225,15 @@ class PDEConstrainedEnergy(EnergyFunctional):
             return
         self.counters["forward"] += 1
         self._solved_for = None
+        t0 = time.perf_counter()
         try:
             self._newton()
         except Exception:
             self.y.x.array[:] = 0.0  # do not warm-start the next solve from a failed state
+            self._A_for = None
             raise
+        finally:
+            self.timings["forward"] += time.perf_counter() - t0
         self._solved_for = self.k.function.x.array.copy()
 
     def _newton(self) -> None:
@@ -235,6 +248,7 @@ class PDEConstrainedEnergy(EnergyFunctional):
             self._A.zeroEntries()
             assemble_matrix(self._A, self._J, bcs=self.bcs)
             self._A.assemble()
+            self._A_for = self.k.function.x.array.copy() if self.linear else None
             self._fwd.ksp.setOperators(self._A)
             self._fwd.solve(self._b, self._dx)
             self.y.x.petsc_vec.axpy(-1.0, self._dx)
@@ -244,14 +258,30 @@ class PDEConstrainedEnergy(EnergyFunctional):
             raise_on_any(self.comm, not np.isfinite(r), "Newton produced a non-finite residual",
                          SolverError)
 
+    def _factorization_reusable(self) -> bool:
+        """The forward KSP holds a direct factorization of ``dF/dy`` at the current control."""
+        if not (self.reuse_factorization and self.linear and self._A_for is not None
+                and np.array_equal(self._A_for, self.k.function.x.array)):
+            return False
+        ksp = self._fwd.ksp
+        return ksp.getType() == "preonly" and ksp.getPC().getType() in ("lu", "cholesky")
+
     def solve_adjoint(self) -> None:
-        """Solve ``(dF/dy)^* p = -dD/dy`` at the current state (homogeneous bcs)."""
+        """Solve ``(dF/dy)^* p = -dD/dy`` at the current state (homogeneous bcs).
+
+        For a linear state equation with a direct forward solver the matrix of the
+        adjoint form is the transpose of the (factorized) forward matrix -- Dirichlet
+        rows and columns are treated alike -- so the factorization is reused.
+        """
         self.solve_forward()
+        t0 = time.perf_counter()
         self.counters["adjoint"] += 1
-        self._Aadj.zeroEntries()
-        assemble_matrix(self._Aadj, self._Jadj, bcs=self.bcs)
-        self._Aadj.assemble()
-        self._adj.ksp.setOperators(self._Aadj)
+        reuse = self._factorization_reusable()
+        if not reuse:
+            self._Aadj.zeroEntries()
+            assemble_matrix(self._Aadj, self._Jadj, bcs=self.bcs)
+            self._Aadj.assemble()
+            self._adj.ksp.setOperators(self._Aadj)
         with self._b.localForm() as loc:
             loc.set(0.0)
         assemble_vector(self._b, self._dD)
@@ -260,8 +290,16 @@ class PDEConstrainedEnergy(EnergyFunctional):
                 self.observations.add_adjoint_rhs(self.y, loc.array)
         self._b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
         set_bc(self._b, self.bcs, alpha=0.0)
-        self._adj.solve(self._b, self.p.x.petsc_vec)
+        if reuse:
+            self._fwd.ksp.solveTranspose(self._b, self.p.x.petsc_vec)
+            reason = self._fwd.ksp.getConvergedReason()
+            raise_on_any(self.comm, reason <= 0,
+                         f"adjoint solve with the forward factorization failed (reason {reason})",
+                         SolverError)
+        else:
+            self._adj.solve(self._b, self.p.x.petsc_vec)
         self.p.x.scatter_forward()
+        self.timings["adjoint"] += time.perf_counter() - t0
 
     # ------------------------------------------------------- interface
     def value(self) -> float:

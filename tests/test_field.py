@@ -47,14 +47,35 @@ FIELD_CASES = [
 ]
 
 
+def reference_jacobian(field, with_grad=False):
+    """J by torch.func.jacfwd of the flat evaluator (independent of the library's paths)."""
+    jac = torch.func.jacfwd(field.flat_evaluator(with_grad))(field.param_dict())
+    return torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in jac], dim=1).numpy()
+
+
+class ScaledSine(torch.nn.Module):
+    """A module with a parameter outside nn.Linear (the vmap path of the Jacobian)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 4, dtype=torch.float64)
+        self.scale = torch.nn.Parameter(torch.tensor([1.5, -0.5, 0.7, 2.0], dtype=torch.float64))
+
+    def forward(self, x):
+        return (self.scale * torch.sin(self.lin(x))).sum(dim=1, keepdim=True)
+
+
 @pytest.mark.parametrize("rep,element,m", FIELD_CASES)
 @pytest.mark.parametrize("with_grad", [False, True])
-def test_jvp_vjp_match_dense_jacobian(rep, element, m, with_grad, rng):
+@pytest.mark.parametrize("cache_mb", [0.0, None])
+def test_jvp_vjp_match_dense_jacobian(rep, element, m, with_grad, cache_mb, rng):
     if with_grad and rep == "fe":
         pytest.skip("x-derivative rows belong to the quadrature representation")
     field = make_field(MPI.COMM_WORLD, rep, element=element, out_dim=m, transform="softplus")
-    J = field.jacobian(with_grad=with_grad)
-    lin = field.linearize(with_grad=with_grad)
+    J = reference_jacobian(field, with_grad)
+    np.testing.assert_allclose(field.jacobian(with_grad=with_grad), J, rtol=0, atol=1e-13)
+    lin = field.linearize(with_grad=with_grad, cache_mb=cache_mb)
+    assert lin.cached == (cache_mb is None)
     rows = field.local_size * (1 + (field.gdim if with_grad else 0))
     assert J.shape == (rows, field.num_params)
     v = rng.standard_normal(field.num_params)
@@ -62,6 +83,25 @@ def test_jvp_vjp_match_dense_jacobian(rep, element, m, with_grad, rng):
     np.testing.assert_allclose(lin.jvp(v), J @ v, rtol=0, atol=1e-12 * max(1, np.abs(J @ v).max()))
     ref = allreduce_sum(MPI.COMM_WORLD, J.T @ w)
     np.testing.assert_allclose(lin.vjp(w), ref, rtol=0, atol=1e-12 * max(1, np.abs(ref).max()))
+    V, W = rng.standard_normal((field.num_params, 3)), rng.standard_normal((J.shape[0], 3))
+    np.testing.assert_allclose(lin.jvp_block(V), J @ V, rtol=0, atol=1e-11)
+    np.testing.assert_allclose(lin.vjp_block(W), allreduce_sum(MPI.COMM_WORLD, J.T @ W),
+                               rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("net", ["resmlp", "grown", "custom"])
+def test_explicit_jacobian_of_other_modules(net):
+    """Linear-layer (ResMLP, grown MLP) and vmap (custom parameter) paths agree with jacfwd."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    torch.manual_seed(5)
+    module = {"resmlp": lambda: nf.ResMLP(2, width=4, depth=2), "custom": ScaledSine,
+              "grown": lambda: nf.MLP(2, width=3, depth=2)}[net]()
+    if net == "grown":
+        nf.expansion.expand_depth(module, np.ones((2, 3)), np.zeros(2))
+    field = nf.NeuralField(msh, module, transform="exp",
+                           factor=lambda x: x[:, 0] * (1 - x[:, 0]) + 0.5)
+    assert (field._linear_layers_jacobian() is None) == (net == "custom")
+    np.testing.assert_allclose(field.jacobian(), reference_jacobian(field), rtol=0, atol=1e-13)
 
 
 def test_field_values_written_to_function_and_ghosts():

@@ -97,6 +97,26 @@ def test_nystrom_preconditioner_full_rank_is_exact_inverse(rng):
     metric.destroy()
 
 
+def test_kept_nystrom_sketch_gives_the_same_flow():
+    """A sketch reused over several steps changes CG's path, not the directions."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 8, 8)
+    x = ufl.SpatialCoordinate(msh)
+    runs = {}
+    for refresh in (1, 4):
+        torch.manual_seed(1)
+        field = nf.NeuralField(msh, nf.MLP(2, width=8, depth=1), element=("Lagrange", 2))
+        energy = nf.RegressionEnergy(field, abs(x[0] - 0.4) * ufl.sin(ufl.pi * x[1]))
+        flow = nf.NaturalGradientFlow(energy, nf.H1(field), nystrom_refresh=refresh,
+                                      nystrom_rank=16, petsc_options={"ksp_rtol": 1e-12})
+        runs[refresh] = flow.run(8)
+        flow.destroy()
+    sketches = runs[4].column("sketch_products")
+    assert np.count_nonzero(runs[1].column("sketch_products")) == 8
+    assert 2 <= np.count_nonzero(sketches) < 8 and sketches[0] == 16
+    # G + eps I is ill-conditioned (eps ~ 1e-6): CG stopped at 1e-12 differs in d by ~1e-6
+    np.testing.assert_allclose(runs[4].column("energy"), runs[1].column("energy"), rtol=1e-4)
+
+
 def test_energy_monotone_and_alignment_in_unit_interval():
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 8, 8)
     torch.manual_seed(1)
@@ -158,20 +178,22 @@ def test_parallel_iterates_match_serial():
         np.testing.assert_array_equal(g, gathered[0])
 
 
-def test_state_dict_roundtrip_reproduces_the_next_step():
+@pytest.mark.parametrize("refresh", [1, 3])
+def test_state_dict_roundtrip_reproduces_the_next_step(refresh):
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 6, 6)
     torch.manual_seed(3)
     field = nf.NeuralField(msh, nf.MLP(2, width=5, depth=1))
     energy = nf.RegressionEnergy(field, target(msh), norm="L2")
-    flow = nf.NaturalGradientFlow(energy, nf.L2(field))
-    flow.run(3)
+    flow = nf.NaturalGradientFlow(energy, nf.L2(field), nystrom_refresh=refresh)
+    flow.run(4)
     state = flow.state_dict()
     flow.step()
     ref = field.get_parameters()
+    flow.solver._nystrom = None  # a fresh process has no sketch: the state must bring it
     flow.load_state_dict(state)
     flow.step()
     np.testing.assert_allclose(field.get_parameters(), ref, atol=1e-13)
-    assert len(flow.history) == 4
+    assert len(flow.history) == 5
 
 
 def test_flow_input_validation():

@@ -99,6 +99,32 @@ def test_derivative_parallel_equals_serial():
     assert b["world_E"] == pytest.approx(b["serial_E"], rel=1e-12)
 
 
+def test_adjoint_reuses_forward_factorization_on_nonsymmetric_problem():
+    """Advection makes dF/dy non-symmetric: the transpose solve must still be exact."""
+    out = {}
+    for reuse in (True, False):
+        msh = mesh.create_unit_square(MPI.COMM_WORLD, 8, 8)
+        torch.manual_seed(2)
+        k = nf.NeuralField(msh, nf.MLP(2, width=4, depth=1), transform="exp", name="k")
+        V = fem.functionspace(msh, ("Lagrange", 1))
+        y, v = fem.Function(V, name="y"), ufl.TestFunction(V)
+        x = ufl.SpatialCoordinate(msh)
+        wind = ufl.as_vector((3.0 * x[1], -2.0))
+        F = (ufl.inner(k.ufl * ufl.grad(y), ufl.grad(v)) + ufl.dot(wind, ufl.grad(y)) * v
+             - 10 * v) * ufl.dx
+        energy = nf.PDEConstrainedEnergy(F, y, [boundary_bc(V)], control=k,
+                                         misfit=0.5 * (y - x[0]) ** 2 * ufl.dx,
+                                         reuse_factorization=reuse)
+        assert energy.linear
+        out[reuse] = nf.taylor.parameter_derivative(energy)
+        assert energy._factorization_reusable() == reuse
+        if reuse:
+            res = nf.taylor_test(energy, h0=0.1)
+            assert res.min_rate >= 1.9, res
+        energy.destroy()
+    np.testing.assert_allclose(out[True], out[False], rtol=1e-10, atol=1e-13)
+
+
 def test_state_reused_when_control_unchanged():
     k, energy = darcy()
     energy.value()
