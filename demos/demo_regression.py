@@ -6,18 +6,20 @@
 # and compared with Adam and L-BFGS on the same energy and the same FE machinery.
 #
 #     mpirun -n 2 python demos/demo_regression.py --iterations 40
+#
+# Outputs in out_regression/: results.json, history.{json,csv} (H1 flow), errors.png
+# (H1 error of every method vs iteration), fit.png and fields.bp (target and H1 fit).
 
 import nngf_fem as nf  # noqa: I001
 
 import argparse
-import json
 import pathlib
 import time
 
 import numpy as np
 import torch
 import ufl
-from dolfinx import mesh
+from dolfinx import fem, mesh
 from mpi4py import MPI
 
 parser = argparse.ArgumentParser(description="H1 regression: metrics and baselines")
@@ -63,14 +65,41 @@ def run(method: str) -> dict:
         res = solver.run(args.iterations)
     wall = time.perf_counter() - t0
     E = energy.value()
+    if method == "H1":
+        fits["H1"], fits["history"] = u.function, res.history
     return {"method": method, "h1_error": float(np.sqrt(2 * E)), "iterations": res.iterations,
             "params": u.num_params,
             "wall": wall, "energies": [h["energy"] for h in res.history]}
 
 
 methods = args.methods.split(",") + (["H1-expand"] if args.expand else [])
+fits: dict = {}
 results = [run(m) for m in methods]
+out = pathlib.Path(args.out)
+table = [{k: r[k] for k in ("method", "h1_error", "iterations", "params", "wall")}
+         for r in results]
+nf.io.write_history(out, table, comm, name="results", meta={"args": vars(args), "results": results})
+if "H1" in fits:
+    f_h = fem.Function(fits["H1"].function_space, name="target")
+    f_h.interpolate(fem.Expression(f, f_h.function_space.element.interpolation_points))
+    fits["H1"].name = "u_H1"
+    nf.io.write_history(out, fits["history"], comm)
+    nf.io.write_fields(out / "fields.bp", [f_h, fits["H1"]])
+    nf.io.plot_fields(out / "fit.png", [("target f", f_h), ("H1 natural gradient", fits["H1"])])
 if comm.rank == 0:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        ax.semilogy(np.sqrt(2 * np.maximum(r["energies"], 1e-300)), label=r["method"])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("H1 error")
+    ax.legend()
+    fig.tight_layout()
+    nf.io._save_png(fig, out / "errors.png")
     print(f"\nH1 regression of |x-0.4| sin(pi y), P2 on {args.n}x{args.n}, "
           f"network 2-{args.width}-1, "
           f"{comm.size} rank(s)")
@@ -78,11 +107,8 @@ if comm.rank == 0:
     for r in results:
         print(f"{r['method']:<12}{r['h1_error']:>12.4e}{r['iterations']:>12d}{r['params']:>8d}"
               f"{r['wall']:>10.2f}")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    tmp.replace(out / "results.json")
+    print(f"outputs in {out}/: results.json, history.{{json,csv}}, errors.png, fit.png, "
+          "fields.bp (ParaView)")
 by = {r["method"]: r["h1_error"] for r in results}
 if "H1" in by:
     e0 = float(np.sqrt(2 * nf.RegressionEnergy(

@@ -23,6 +23,7 @@ flattened row-major (``torch.nn.utils.parameters_to_vector`` order).
 
 from nngf_fem.mpi import allreduce_sum, raise_on_any
 
+import time
 from collections.abc import Callable, Sequence
 
 import basix
@@ -138,6 +139,8 @@ class NeuralField:
             self.quadrature_degree = quadrature_degree
             self._setup_quadrature(quadrature_degree)
         self.function = fem.Function(self.space, name=name)
+        #: seconds spent evaluating the network in :meth:`update` (benchmarks)
+        self.eval_seconds = 0.0
         self.update()
 
     # ------------------------------------------------------------------ set-up
@@ -334,7 +337,9 @@ class NeuralField:
 
     def update(self) -> None:
         """Evaluate the network and write the values into :attr:`function` (ghosts included)."""
+        t0 = time.perf_counter()
         vals = self.values()
+        self.eval_seconds += time.perf_counter() - t0
         raise_on_any(
             self.comm, not np.all(np.isfinite(vals)),
             "the network produced non-finite values (NaN/Inf) on the mesh", exc=FloatingPointError,
