@@ -24,6 +24,16 @@ test-serial: setup
 test-mpi: setup
 	timeout 1500 $(MPIRUN) -n $(NP) $(PY) -m pytest -q -x $(PYTEST_ARGS)
 
+# all benchmarks at the sizes of BENCHMARKS.md (about 15 minutes on 2 cores); JSON and
+# PNGs land in benchmarks/results/
+bench: setup
+	$(PY) benchmarks/b1_regression.py
+	$(PY) benchmarks/b2_ritz.py
+	$(PY) benchmarks/b3_darcy.py
+	$(PY) benchmarks/b4_cost_split.py
+	$(PY) benchmarks/b5_mpi.py
+	$(PY) benchmarks/b6_network_size.py --repeats 3
+
 lint: setup
 	$(VENV)/bin/ruff check nngf_fem tests demos examples benchmarks
 

@@ -43,6 +43,8 @@ from typing import Any
 __all__ = ["ConfigError", "load_config", "main"]
 
 DEMOS = {"darcy": "demo_darcy_inversion.py", "darcy_nonlinear": "demo_darcy_inversion.py",
+         "nonlinear_inversion": "demo_nonlinear_inversion.py",
+         "gmsh_inversion": "demo_gmsh_inversion.py", "parametric": "demo_parametric.py",
          "ritz_poisson": "demo_ritz_poisson.py", "regression": "demo_regression.py",
          "poisson": "demo_poisson.py"}
 

@@ -58,3 +58,9 @@ def test_run_named_model_and_user_module(tempdir):
 
 def test_demo_subcommand_runs_a_demo():
     assert cli.main(["demo", "poisson", "--n", "8"]) == 0
+
+
+def test_every_named_demo_exists():
+    root = pathlib.Path(cli.__file__).resolve().parents[1] / "demos"
+    for script in set(cli.DEMOS.values()):
+        assert (root / script).is_file(), script
