@@ -28,7 +28,9 @@ class TorchOptimizerFlow:
         optimizer: ``"adam"``, ``"lbfgs"``, or a ``torch.optim.Optimizer`` class.
         **options: optimizer options (e.g. ``lr=1e-3``; L-BFGS defaults to
             ``line_search_fn="strong_wolfe"``, ``max_iter=1`` per step with up to
-            ``max_eval=25`` energy evaluations in its line search).
+            ``max_eval=25`` energy evaluations in its line search, and torch's stopping
+            tolerances ``tolerance_grad``/``tolerance_change`` set to 0 so that a step
+            never silently ends without moving; the run length is the caller's).
     """
 
     def __init__(self, energy: EnergyFunctional, optimizer: str | type = "adam", **options: Any):
@@ -42,7 +44,8 @@ class TorchOptimizerFlow:
                 self.optimizer = torch.optim.Adam(params, **{"lr": 1e-3, **options})
             elif name == "lbfgs":
                 opts = {"lr": 1.0, "max_iter": 1, "max_eval": 25, "history_size": 50,
-                        "line_search_fn": "strong_wolfe", **options}
+                        "line_search_fn": "strong_wolfe", "tolerance_grad": 0.0,
+                        "tolerance_change": 0.0, **options}
                 self.optimizer = torch.optim.LBFGS(params, **opts)
             else:
                 raise ValueError(f"optimizer={optimizer!r} is not known; allowed: 'adam', 'lbfgs'")
