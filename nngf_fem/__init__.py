@@ -34,11 +34,13 @@ from nngf_fem.parametric import (
 )
 from nngf_fem.pde import PDEConstrainedEnergy, Tikhonov, add_noise, discrepancy_stop
 from nngf_fem.taylor import TaylorResult, taylor_test
+from nngf_fem.fe_inversion import FEControl, GaussNewtonCG, TaoSolver, fe_taylor_test
 from nngf_fem import io, meshes
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TaoSolver",
     "TaylorResult",
     "Tikhonov",
     "PDEConstrainedEnergy",
@@ -51,11 +53,13 @@ __all__ = [
     "__version__",
     "EnergyFunctional",
     "ExpansionPolicy",
+    "FEControl",
     "EnergyNorm",
     "Euclidean",
     "FlowDivergedError",
     "FlowResult",
     "FunctionalEnergy",
+    "GaussNewtonCG",
     "GramOperator",
     "H1",
     "H1Seminorm",
@@ -79,6 +83,7 @@ __all__ = [
     "meshes",
     "dense_gram",
     "taylor_test",
+    "fe_taylor_test",
     "discrepancy_stop",
     "add_noise",
     "load_checkpoint",

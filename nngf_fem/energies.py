@@ -29,11 +29,12 @@ class EnergyFunctional:
     """Base class of energies of one neural field (see module docstring)."""
 
     def __init__(self, field: NeuralField):
+        from nngf_fem.fe_inversion import FEControl
         from nngf_fem.parametric import ParametricField
 
-        if not isinstance(field, NeuralField | ParametricField):
-            raise TypeError(
-                f"field must be a NeuralField or ParametricField, got {type(field).__name__}")
+        if not isinstance(field, NeuralField | ParametricField | FEControl):
+            raise TypeError("field must be a NeuralField, ParametricField or FEControl, got "
+                            f"{type(field).__name__}")
         self.field = field
         self.comm = field.comm
         self.counters = {"value": 0, "derivative": 0}
