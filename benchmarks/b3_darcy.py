@@ -32,6 +32,7 @@ import nngf_fem as nf  # noqa: I001
 
 import argparse
 import math
+import pathlib
 import time
 
 import numpy as np
@@ -68,7 +69,7 @@ parser.add_argument("--methods",
                     "fe_gncg")
 parser.add_argument("--quick", action="store_true", help="smoke run (small, few iterations)")
 parser.add_argument("--out", default=str(RESULTS / "b3_darcy.json"))
-parser.add_argument("--plot", default=str(RESULTS / "b3_darcy.png"))
+parser.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
 args = parser.parse_args()
 if args.quick:
     args.n, args.tune_n, args.repeats = 12, 8, 1
@@ -76,6 +77,7 @@ if args.quick:
     args.fe_iterations, args.tune_iterations, args.gn_iterations = 30, 30, 5
     args.adam_lrs = "1e-2,3e-2"
 
+plot_path = pathlib.Path(args.plot) if args.plot else pathlib.Path(args.out).with_suffix(".png")
 if args.threads > 0:
     import numpy.linalg  # noqa: F401  (load numpy's BLAS so that it can be limited too)
 
@@ -415,5 +417,6 @@ if comm.rank == 0:
     fig.suptitle(f"B3 Darcy inversion, P1 {args.n}x{args.n}, noise {args.noise:g}, "
                  f"{comm.size} rank(s)")
     fig.tight_layout()
-    save_plot(fig, args.plot)
+    save_plot(fig, plot_path)
+    print(f"wrote {args.out} and {plot_path}")
 comm.Barrier()

@@ -317,7 +317,10 @@ class TaoSolver:
     The initial quasi-Newton matrix of ``lmvm``/``blmvm`` is the Hilbert metric
     ``A_H = alpha M + beta K`` of the control space (``TaoLMVMSetH0``; its inverse is
     applied by a KSP with prefix ``petsc_options_prefix + "riesz_"``), and TAO's gradient
-    norm is the dual norm ``sqrt(e^T A_H^{-1} e)`` of ``e = dE/dm``.
+    norm is the dual norm ``sqrt(e^T A_H^{-1} e)`` of ``e = dE/dm``. A trial point whose
+    PDE solve fails (or whose ``T(m)`` overflows) has ``E = inf``: the default
+    More-Thuente line search then stops with ``DIVERGED_LS_FAILURE``, while
+    ``tao_ls_type: armijo`` backtracks.
 
     Args:
         energy: an energy whose control is an :class:`FEControl` (e.g. a
