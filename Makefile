@@ -26,6 +26,8 @@ test-mpi: setup
 
 # all benchmarks at the sizes of BENCHMARKS.md (about 15 minutes on 2 cores); JSON and
 # PNGs land in benchmarks/results/
+# one thread per rank: steady timings on a shared 2-core machine
+bench: export OMP_NUM_THREADS = 1
 bench: setup
 	$(PY) benchmarks/b1_regression.py
 	$(PY) benchmarks/b2_ritz.py
