@@ -24,7 +24,7 @@ test-serial: setup
 test-mpi: setup
 	timeout 1500 $(MPIRUN) -n $(NP) $(PY) -m pytest -q -x $(PYTEST_ARGS)
 
-# all benchmarks at the sizes of BENCHMARKS.md (about 15 minutes on 2 cores); JSON and
+# all benchmarks at the sizes of BENCHMARKS.md (about 3.5 minutes on 2 cores); JSON and
 # PNGs land in benchmarks/results/
 # one thread per rank: steady timings on a shared 2-core machine
 bench: export OMP_NUM_THREADS = 1
