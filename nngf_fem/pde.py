@@ -135,6 +135,8 @@ class PDEConstrainedEnergy(EnergyFunctional):
         self.linear = state not in _coefficients(expanded)
         regs = regularization if isinstance(regularization, list | tuple) else (
             [] if regularization is None else [regularization])
+        # a zero-weight Tikhonov term folds to an empty UFL integral: leave it out
+        regs = [r for r in regs if not (isinstance(r, Tikhonov) and r.alpha == 0.0)]
         R = 0
         for r in regs:
             R += r.form(control.ufl) if isinstance(r, Tikhonov) else r
