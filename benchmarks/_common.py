@@ -75,6 +75,20 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(vals) if vals else math.nan
 
 
+def frozen_from(errors: Sequence[float], min_run: int = 10) -> int | None:
+    """First iteration from which the error never changes again (>= min_run steps), or None."""
+    k = len(errors) - 1
+    while k > 0 and errors[k - 1] == errors[-1]:
+        k -= 1
+    return k if len(errors) - 1 - k >= min_run else None
+
+
+def first_reach(errors: Sequence[float], times: Sequence[float], thr: float):
+    """Iteration and time at which the error first is <= thr (None, None if never)."""
+    k = next((i for i, e in enumerate(errors) if e <= thr), None)
+    return (None, None) if k is None else (k, times[k])
+
+
 def fmt(v: Any, spec: str = ".3g") -> str:
     """Format a table cell (``-`` for missing values)."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):

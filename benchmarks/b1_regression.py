@@ -52,7 +52,8 @@ import ufl
 from dolfinx import mesh
 from mpi4py import MPI
 
-from _common import RESULTS, median, print_table, save_plot, write_json
+from _common import (RESULTS, first_reach, frozen_from, median, print_table, save_plot,
+                     write_json)
 
 METHODS = ("NG-H1", "NG-L2", "NG-Euclid", "Adam", "L-BFGS")
 
@@ -145,20 +146,6 @@ def run(method: str, rep: int, n_iter: int | None = None) -> dict:
               f"error {errors[-1]:.4e}  {times[-1]:7.2f} s  ({reason})", flush=True)
     return {"errors": errors, "times": times.tolist(), "setup_s": setup, "reason": reason,
             "params": u.num_params}
-
-
-def frozen_from(errors, min_run: int = 10):
-    """First iteration from which the error never changes again (>= min_run steps), or None."""
-    k = len(errors) - 1
-    while k > 0 and errors[k - 1] == errors[-1]:
-        k -= 1
-    return k if len(errors) - 1 - k >= min_run else None
-
-
-def first_reach(errors, times, thr):
-    """Iteration and time at which the error first is <= thr (None, None if never)."""
-    k = next((i for i, e in enumerate(errors) if e <= thr), None)
-    return (None, None) if k is None else (k, times[k])
 
 
 if comm.rank == 0:
