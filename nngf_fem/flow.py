@@ -140,6 +140,10 @@ class NaturalGradientFlow:
         self.expansions: list[dict[str, Any]] = []
         self.last_expansion = -1
         self._energy: float | None = None
+        #: parameter shapes of the network the flow was created with (checkpoints compare them)
+        self.initial_shapes = [tuple(p.shape) for p in getattr(self.field, "parameters", [])]
+        #: extra facts stored with checkpoints and compared on load (e.g. a demo's name)
+        self.checkpoint_meta: dict[str, Any] = {}
 
     # ------------------------------------------------------------- pieces
     def _evaluate(self, theta: np.ndarray | None = None) -> float:
