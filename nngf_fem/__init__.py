@@ -3,9 +3,14 @@
 DOLFINx supplies meshes, Sobolev metrics and PDE solves; a PyTorch network
 parameterizes the unknown; the natural-gradient system ``J^T A_H J d = -b`` is
 solved matrix-free with PETSc under MPI.
+
+Under ``mpiexec -n N`` (N > 1) importing the package installs an excepthook that aborts
+all ranks on an uncaught exception or Ctrl-C instead of hanging (see
+:mod:`nngf_fem.mpi`; opt out with ``NNGF_FEM_NO_ABORT_HOOK=1``).
 """
 
 from nngf_fem import _backend  # noqa: F401, I001  (load order: dolfinx_solver before dolfinx)
+from nngf_fem.mpi import _auto_install, install_excepthook
 from nngf_fem.errors import FlowDivergedError, NNGFError, SolverError
 from nngf_fem.solvers import KrylovSolver
 from nngf_fem.models import MLP, ResMLP
@@ -36,6 +41,8 @@ from nngf_fem.pde import PDEConstrainedEnergy, Tikhonov, add_noise, discrepancy_
 from nngf_fem.taylor import TaylorResult, taylor_test
 from nngf_fem.fe_inversion import FEControl, GaussNewtonCG, TaoSolver, fe_taylor_test
 from nngf_fem import io, meshes
+
+_auto_install()  # MPI runs: an uncaught exception on one rank aborts all (no hang)
 
 __version__ = "0.1.0"
 
@@ -79,6 +86,7 @@ __all__ = [
     "TorchOptimizerFlow",
     "baselines",
     "gram",
+    "install_excepthook",
     "io",
     "meshes",
     "dense_gram",
