@@ -93,7 +93,8 @@ def run_on_root(comm: MPI.Comm, fn: Callable[[], object], describe: str,
         comm: communicator of the ranks that wait for the result.
         fn: the work of rank 0 (e.g. writing a file).
         describe: what failed, e.g. ``"cannot write checkpoint out/c.pt"``; the
-            original error is appended.
+            original error is appended (unless its message already starts with
+            ``describe``). Empty: the error's own message.
         exc: exception type raised on all ranks.
     """
     err = ""
@@ -101,7 +102,13 @@ def run_on_root(comm: MPI.Comm, fn: Callable[[], object], describe: str,
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - any failure must reach every rank
-            err = f"{describe}: {type(e).__name__}: {e}"
+            detail = str(e)
+            if describe and not detail.startswith(describe):
+                err = f"{describe}: {type(e).__name__}: {detail}"
+            elif describe or (isinstance(e, OSError) and detail):
+                err = detail
+            else:
+                err = f"{type(e).__name__}: {detail}"
     raise_on_any(comm, bool(err), err, exc)
 
 
