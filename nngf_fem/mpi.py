@@ -141,8 +141,35 @@ def _write_stderr(text: str) -> None:
             pass
 
 
+def _wait_output_read(timeout: float = 5.0) -> None:
+    """Wait until the reader of stdout/stderr pipes (mpiexec's proxy) took our output.
+
+    ``MPI_Abort`` makes hydra kill every rank at once; output still sitting in the pipe to
+    the proxy is then lost (the traceback would vanish). Pipes only; ``FIONREAD`` tells
+    how many bytes are still unread.
+    """
+    import fcntl
+    import stat
+    import struct
+    import termios
+
+    deadline = time.monotonic() + timeout
+    for fd in (1, 2):
+        try:
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                continue
+            while time.monotonic() < deadline:
+                left = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+                if left <= 0:
+                    break
+                time.sleep(0.01)
+        except (OSError, ValueError):
+            continue
+
+
 def _abort(comm: MPI.Comm, code: int) -> None:
     try:
+        _wait_output_read()
         comm.Abort(code)
     finally:  # Abort does not return; if it ever does, end this process at least
         os._exit(code)

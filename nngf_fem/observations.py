@@ -2,9 +2,11 @@
 
 The point list is replicated on all ranks (observation sets are small). Each rank
 searches its owned cells; the lowest rank that finds a point owns it, so every
-observation is counted exactly once. Basis values at the points come from the
-pull-back to the reference cell and basix tabulation, which gives both ``y(x_i)`` and
-the sparse rows ``phi_j(x_i)`` the adjoint right-hand side needs.
+observation is counted exactly once. A rank may own no point at all (sensors
+clustered in one region): it contributes nothing, but takes part in the reductions.
+Basis values at the points come from the pull-back to the reference cell and basix
+tabulation, which gives both ``y(x_i)`` and the sparse rows ``phi_j(x_i)`` the
+adjoint right-hand side needs.
 """
 
 from nngf_fem.mpi import raise_on_any
@@ -75,8 +77,9 @@ class PointObservations:
             phi = elem.tabulate(0, X)[0, 0, :, 0]
             rows.append(V.dofmap.cell_dofs(c))
             vals.append(phi)
-        self._rows = np.array(rows, dtype=np.int64).reshape(len(mine), -1)
-        self._phi = np.array(vals).reshape(len(mine), -1)
+        ndofs = V.dofmap.dof_layout.num_dofs  # per cell (and block); also for 0 points here
+        self._rows = np.array(rows, dtype=np.int64).reshape(len(mine), ndofs)
+        self._phi = np.array(vals, dtype=np.float64).reshape(len(mine), ndofs)
 
     def evaluate(self, y: fem.Function) -> np.ndarray:
         """``y(x_i)`` for all points, shape ``(N, bs)``, identical on all ranks."""
