@@ -5,6 +5,7 @@ the natural-gradient flow uses, so comparisons differ only in the update rule.
 Records share the keys of :class:`~nngf_fem.flow.NaturalGradientFlow` histories.
 """
 
+from nngf_fem._validate import as_int, as_real
 from nngf_fem.energies import EnergyFunctional
 from nngf_fem.errors import FlowDivergedError
 from nngf_fem.flow import FlowResult
@@ -38,6 +39,10 @@ class TorchOptimizerFlow:
             raise TypeError(f"energy must be an EnergyFunctional, got {type(energy).__name__}")
         self.energy, self.field, self.comm = energy, energy.field, energy.field.comm
         params = list(self.field.module.parameters())
+        for key in ("lr", "max_eval", "max_iter", "history_size"):
+            if key in options:  # torch's own errors do not say "numpy integers are fine"
+                options[key] = (as_real(key, options[key], positive=True) if key == "lr"
+                                else as_int(key, options[key], minimum=1))
         if isinstance(optimizer, str):
             name = optimizer.lower()
             if name == "adam":
@@ -89,7 +94,8 @@ class TorchOptimizerFlow:
         return rec
 
     def run(self, max_iter: int = 100) -> FlowResult:
-        """Run ``max_iter`` steps."""
+        """Run ``max_iter`` steps (a non-negative integer; numpy integers accepted)."""
+        max_iter = as_int("max_iter", max_iter, minimum=0)
         for _ in range(max_iter):
             self.step()
         E = self.history[-1]["energy"] if self.history else self.energy.value()

@@ -12,6 +12,7 @@ Every energy has the same small interface, used by the flows:
 ``ufl.derivative``); :class:`RegressionEnergy` and :class:`RitzEnergy` build on it.
 """
 
+from nngf_fem._validate import as_int, as_real
 from nngf_fem.field import NeuralField
 from nngf_fem.mpi import raise_on_any
 
@@ -108,6 +109,14 @@ class RegressionEnergy(FunctionalEnergy):
                  beta: float = 1.0, quadrature_degree: int | None = None):
         if norm not in ("L2", "H1"):
             raise ValueError(f"norm={norm!r} is not known; allowed: 'L2', 'H1'")
+        alpha = as_real("alpha", alpha, minimum=0)
+        beta = as_real("beta", beta, minimum=0)
+        if alpha == 0 and (norm == "L2" or beta == 0):  # the energy would be 0
+            raise ValueError(f"RegressionEnergy(norm={norm!r}) needs alpha > 0"
+                             f"{' or beta > 0' if norm == 'H1' else ''}, got alpha={alpha:g}"
+                             f"{f', beta={beta:g}' if norm == 'H1' else ''}")
+        if quadrature_degree is not None:
+            quadrature_degree = as_int("quadrature_degree", quadrature_degree, minimum=0)
         if norm == "H1" and field.representation == "quadrature":
             raise ValueError("an H1 regression energy needs representation='fe' (x-derivatives)")
         if isinstance(target, fem.Function):

@@ -18,6 +18,7 @@ gradient ``g = R_H e``) with a PETSc KSP (default CG + GAMG; pass
 "pc_factor_mat_solver_type": "mumps"}`` for a direct solve).
 """
 
+from nngf_fem._validate import as_int, as_real
 from nngf_fem.field import NeuralField
 from nngf_fem.solvers import KrylovSolver
 
@@ -236,9 +237,9 @@ class H1(Metric):
                  petsc_options: Mapping[str, Any] | None = None):
         super().__init__(field, petsc_options_prefix=petsc_options_prefix,
                          petsc_options=petsc_options)
-        if not (alpha > 0 and beta >= 0):
-            raise ValueError(f"H1 needs alpha > 0 and beta >= 0, got alpha={alpha}, beta={beta}")
-        self.alpha, self.beta = float(alpha), float(beta)
+        self.alpha = as_real("H1 alpha", alpha, positive=True)
+        self.beta = as_real("H1 beta", beta, minimum=0)
+        riesz_degree = as_int("riesz_degree", riesz_degree, minimum=1)
         if field.representation == "fe":
             u, v = _trial_test(field)
             self._fe_setup((self.alpha * ufl.inner(u, v)

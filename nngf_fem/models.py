@@ -15,6 +15,8 @@ Growth protocol (see :mod:`nngf_fem.expansion`): a growable module exposes
 grown by the library.
 """
 
+from nngf_fem._validate import as_int
+
 import torch
 from torch import nn
 
@@ -40,10 +42,9 @@ def get_activation(name: str):
         ) from None
 
 
-def _check_dims(**dims: int) -> None:
-    for name, v in dims.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+def _check_dims(**dims: int) -> list[int]:
+    """Each dimension as a Python int >= 1 (numpy integers accepted), in order."""
+    return [as_int(name, v, minimum=1) for name, v in dims.items()]
 
 
 class MLP(nn.Module):
@@ -51,7 +52,8 @@ class MLP(nn.Module):
 
     Args:
         in_dim: input dimension (geometric dimension, plus extra inputs).
-        width: neurons per hidden layer (int or list of ints, one per layer).
+        width: neurons per hidden layer (int or list of ints, one per layer; numpy
+            integers are accepted).
         depth: number of hidden layers (ignored if ``width`` is a list).
         out_dim: output dimension.
         activation: name of the activation (default ``tanh``).
@@ -68,10 +70,15 @@ class MLP(nn.Module):
         dtype: torch.dtype = torch.float64,
     ):
         super().__init__()
-        widths = list(width) if isinstance(width, list | tuple) else [width] * depth
-        _check_dims(in_dim=in_dim, out_dim=out_dim, depth=max(len(widths), 1) if widths else 0)
-        for w in widths:
-            _check_dims(width=w)
+        if isinstance(width, list | tuple) or getattr(width, "ndim", 0) == 1:
+            width = list(width)
+            if not width:
+                raise ValueError("width must be a positive integer or a non-empty list of them, "
+                                 "got []")
+            widths = [as_int(f"width[{i}]", w, minimum=1) for i, w in enumerate(width)]
+        else:
+            widths = [as_int("width", width, minimum=1)] * as_int("depth", depth, minimum=1)
+        in_dim, out_dim = _check_dims(in_dim=in_dim, out_dim=out_dim)
         self.in_dim, self.out_dim, self.activation_name = in_dim, out_dim, activation
         self.activation = get_activation(activation)
         dims = [in_dim, *widths]
@@ -142,9 +149,8 @@ class ResMLP(nn.Module):
         dtype: torch.dtype = torch.float64,
     ):
         super().__init__()
-        _check_dims(in_dim=in_dim, width=width, out_dim=out_dim)
-        if not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"depth must be a non-negative integer, got {depth!r}")
+        in_dim, width, out_dim = _check_dims(in_dim=in_dim, width=width, out_dim=out_dim)
+        depth = as_int("depth", depth, minimum=0)
         self.in_dim, self.out_dim, self.activation_name = in_dim, out_dim, activation
         self.activation = get_activation(activation)
         self.hidden_layers = nn.ModuleList([nn.Linear(in_dim, width, dtype=dtype)])
