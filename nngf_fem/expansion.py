@@ -29,14 +29,10 @@ __all__ = ["ExpansionPolicy", "expand_depth", "expand_width", "residual", "run_e
 def residual(flow: NaturalGradientFlow) -> dict[str, Any]:
     """Hilbert gradient ``g``, its projection and the residual ``r = g + J d`` (owned rows).
 
-    Returns a dict with ``g``, ``r``, ``alignment`` and the direction info of the flow.
+    Returns a dict with ``g``, ``r``, ``alignment`` and the direction info of the flow
+    (:meth:`NaturalGradientFlow.residual`).
     """
-    if flow.metric.needs_grad:
-        raise ValueError("expansion needs a FE-representation metric (representation='fe')")
-    info = flow.direction()
-    g = flow.metric.riesz(info["e"])
-    Jd = flow.field.linearize().jvp(info["d"])
-    return {"g": g, "r": g + Jd, "alignment": info["alignment"], "info": info}
+    return flow.residual()
 
 
 def _layer_input(field, layer: int) -> np.ndarray:
@@ -181,16 +177,31 @@ def expand_depth(module: nn.Module, W: np.ndarray, beta: np.ndarray) -> None:
 
 @dataclass
 class ExpansionPolicy:
-    """When and how to grow.
+    """When and how to grow: pass it to the flow, ``NaturalGradientFlow(..., expansion=)``.
+
+    The policy only reads the flow's history and residual; the flow performs the
+    growth (:meth:`NaturalGradientFlow.grow`) and records it.
+
+    Growth pays when the network's tangent space cannot follow the Hilbert gradient, or
+    when the flow stopped making progress with the network it has. Over the last
+    ``patience`` accepted steps since the last expansion, the policy fires when
+
+    * the *mean* alignment is below ``threshold`` (a smoothed test: single steps
+      oscillate), or
+    * the energy decreased by less than the relative amount ``stall`` in total (the
+      network has converged as far as its size allows).
 
     Args:
-        threshold: grow when the alignment stays below this value ...
-        patience: ... for this many consecutive accepted steps.
+        threshold: mean-alignment threshold.
+        patience: accepted steps between expansions (and the window of both tests).
         neurons: neurons added per expansion.
         layer: hidden layer to grow (default: the last).
         max_params: never grow beyond this many parameters.
         n_candidates: random candidates per expansion.
         seed: base seed of the candidates (the expansion count is added).
+        kinds: growth kinds, used in turn: ``"width"`` and/or ``"depth"``.
+        stall: relative energy decrease over ``patience`` steps below which the flow
+            counts as stalled (0 disables the test).
     """
 
     threshold: float = 0.5
@@ -201,7 +212,7 @@ class ExpansionPolicy:
     n_candidates: int = 256
     seed: int = 0
     kinds: tuple[str, ...] = ("width",)
-    stall: float = 0.0
+    stall: float = 0.02
 
     def __post_init__(self):
         for kind in self.kinds:
@@ -209,28 +220,38 @@ class ExpansionPolicy:
                 raise ValueError(f"expansion kind {kind!r} is not known; allowed: 'width', 'depth'")
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
-        if self.patience < 1 or self.neurons < 1:
-            raise ValueError("patience and neurons must be positive integers")
+        for name in ("patience", "neurons", "max_params", "n_candidates"):
+            v = getattr(self, name)
+            if not isinstance(v, int | np.integer) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not (isinstance(self.stall, int | float | np.floating) and 0 <= self.stall <= 1):
+            raise ValueError(f"stall must be in [0, 1], got {self.stall!r}")
+
+    def _window(self, flow: NaturalGradientFlow) -> list[dict]:
+        last = flow.last_expansion
+        steps = [h for h in flow.history if h.get("kind") is None and h["iteration"] >= last
+                 and h.get("accepted")]
+        return steps[-self.patience :]
 
     def should_expand(self, flow: NaturalGradientFlow) -> bool:
-        """Whether to grow now.
-
-        True when, over the last ``patience`` steps since the last expansion, the
-        alignment stayed below ``threshold`` or (``stall > 0``) the energy decreased by
-        less than the relative amount ``stall``.
-        """
-        last = flow.last_expansion
-        steps = [h for h in flow.history if h.get("kind") is None and h["iteration"] > last]
-        steps = steps[-self.patience :]
-        if len(steps) < self.patience or flow.field.num_params >= self.max_params:
+        """Whether growth pays now (see the class docstring); identical on all ranks."""
+        if flow.field.num_params >= self.max_params:
             return False
-        low = all(h["alignment"] < self.threshold for h in steps)
+        steps = self._window(flow)
+        if len(steps) < self.patience:
+            return False
+        align = [h["alignment"] for h in steps if np.isfinite(h.get("alignment", np.nan))]
+        low = bool(align) and float(np.mean(align)) < self.threshold
         E0, E1 = steps[0]["energy_before"], steps[-1]["energy"]
         stalled = self.stall > 0 and (E0 - E1) <= self.stall * max(abs(E0), 1e-300)
         return low or stalled
 
-    def expand(self, flow: NaturalGradientFlow) -> dict[str, Any]:
-        """Grow the flow's network once; returns the expansion record (also in the history)."""
+    def propose(self, flow: NaturalGradientFlow) -> dict[str, Any]:
+        """The next growth: ``kind``, ``layer``, neurons ``(W, beta)`` and diagnostics.
+
+        Neurons are selected from seeded random candidates by how much of the residual
+        ``r = g - P_T g`` they capture (:func:`select_neurons`).
+        """
         field, module = flow.field, flow.field.module
         if field.value_size != 1:
             raise ValueError("expansion currently supports scalar fields (value size 1)")
@@ -238,37 +259,23 @@ class ExpansionPolicy:
         kind = self.kinds[n_exp % len(self.kinds)]
         layer = (self.layer % len(module.hidden_layers) if kind == "width"
                  else len(module.hidden_layers))
-        before = residual(flow)
+        before = flow.residual()
         W, beta, captured = select_neurons(field, flow.metric, before["r"], layer, self.neurons,
                                            self.n_candidates, self.seed + 1000 * n_exp)
-        p0 = field.num_params
-        vals0 = field.values()
-        if kind == "width":
-            expand_width(module, layer, W, beta)
-        else:
-            expand_depth(module, W, beta)
-        field.update()
-        change = float(np.max(np.abs(field.values() - vals0))) if vals0.size else 0.0
-        flow.reset_cache()
-        flow.eps = max(flow.eps, flow.eps_min)
-        after = flow.direction()
-        rec = {"iteration": flow.iteration, "kind": kind, "layer": layer,
-               "params_before": p0, "params_after": field.num_params,
-               "alignment_before": before["alignment"], "alignment_after": after["alignment"],
-               "energy": flow.energy.value(), "captured": captured, "max_value_change": change}
-        flow.expansions.append(rec)
-        flow.last_expansion = flow.iteration
-        flow.history.append(dict(rec))
-        return rec
+        return {"kind": kind, "layer": layer, "W": W, "beta": beta, "captured": captured,
+                "alignment_before": before["alignment"]}
+
+    def expand(self, flow: NaturalGradientFlow) -> dict[str, Any]:
+        """Grow the flow's network once now; returns the expansion record."""
+        return flow.grow(**self.propose(flow))
 
 
 def run_expansive(flow: NaturalGradientFlow, policy: ExpansionPolicy, max_iter: int = 100,
                   **run_kwargs: Any):
-    """Run the flow, growing the network whenever ``policy.should_expand`` says so."""
+    """Run the flow with ``policy`` as its expansion (``flow.expansion = policy``).
 
-    def callback(fl, rec):
-        if policy.should_expand(fl):
-            policy.expand(fl)
-        return False
-
-    return flow.run(max_iter, callback=callback, **run_kwargs)
+    ``run_kwargs`` (a user ``callback`` included) are passed on to
+    :meth:`NaturalGradientFlow.run`.
+    """
+    flow.expansion = policy
+    return flow.run(max_iter, **run_kwargs)

@@ -1,19 +1,36 @@
-"""Natural neural gradient flow: ``theta <- theta + tau d``, ``(G + eps I) d = -b``.
+"""Natural neural gradient flow: ``theta <- theta + d``, curvature and expansion included.
 
-One step (METHOD.md, section 2):
+One step (docs/method.md, sections 2, 4 and 6):
 
 1. evaluate ``E`` and the dual derivative ``e = E'(u)``; ``b = J^T e``;
-2. exact Hilbert gradient ``g = A_H^{-1} e`` (Riesz solve), ``||g||_H^2 = e . g``;
-3. natural-gradient direction ``(J^T A_H J + eps I) d = -b`` (PETSc KSP, matrix-free);
-4. alignment ``cos(alpha) = sqrt(-b . d) / ||g||_H`` in ``[0, 1]``;
-5. Armijo backtracking on ``E`` from ``tau_0`` (no accepted step increases ``E``);
-6. Levenberg-Marquardt update of ``eps`` from the ratio of actual to predicted decrease
-   of the model ``m(tau d) = tau b.d + tau^2/2 d^T G d``.
+2. exact Hilbert gradient ``g = A_H^{-1} e`` (Riesz solve), ``||g||_H^2 = e . g``, the
+   natural-gradient direction ``(J^T A_H J + eps I) d_H = -b`` and the alignment
+   ``cos(alpha) = sqrt(-b . d_H) / ||g||_H`` in ``[0, 1]``;
+3. the step, by the flow's ``curvature``:
 
-The flow mimics ``torch.optim.Optimizer``: :meth:`step`, :meth:`state_dict`,
+   * ``"gauss-newton"`` (default for PDE-constrained energies): Levenberg-Marquardt on
+     ``(J^T A_GN J + lambda J^T A_H J + eps I) d = -b`` (see :mod:`nngf_fem.curvature`);
+     the first trial is the model's own step, ``lambda`` adapts to the ratio of actual to
+     predicted decrease, and a rejected trial is re-solved for a larger ``lambda``
+     without new PDE solves;
+   * ``"none"``: the paper's first-order flow along ``d_H``. Its step length comes from
+     a model of ``E`` along ``d_H`` (the Gram model ``tau = 1`` for energies whose metric
+     is their Hessian model, e.g. regression and Ritz energies; for PDE-constrained
+     energies the Gauss-Newton curvature along ``d_H`` at the first step and the
+     parabola through the last accepted step afterwards), with Armijo backtracking by
+     quadratic interpolation. No step grows by a doubling schedule.
+
+4. expansion is a step of the flow: when ``flow.expansion`` (an
+   :class:`~nngf_fem.expansion.ExpansionPolicy`) says growth pays, the flow grows the
+   network by the neurons the policy selects (:meth:`NaturalGradientFlow.grow`) before
+   its next step, and records it.
+
+No accepted step increases ``E``. Every stop decision is taken collectively. The flow
+mimics ``torch.optim.Optimizer``: :meth:`step`, :meth:`state_dict`,
 :meth:`load_state_dict`, plus :meth:`run` with stopping rules and a history.
 """
 
+from nngf_fem.curvature import GaussNewtonSubspace, HilbertGram
 from nngf_fem.energies import EnergyFunctional
 from nngf_fem.errors import FlowDivergedError, SolverError
 from nngf_fem.gram import NaturalGradientSolver
@@ -28,8 +45,15 @@ from dataclasses import field as dc_field
 from typing import Any
 
 import numpy as np
+from mpi4py import MPI
 
-__all__ = ["NaturalGradientFlow", "FlowResult"]
+__all__ = ["NaturalGradientFlow", "FlowResult", "CURVATURES"]
+
+#: step methods of :class:`NaturalGradientFlow`
+CURVATURES = ("auto", "gauss-newton", "none")
+
+#: failures of a trial evaluation or of a direction that reject a step (raised on all ranks)
+_TRIAL_ERRORS = (FloatingPointError, SolverError, np.linalg.LinAlgError)
 
 
 @dataclass
@@ -47,29 +71,57 @@ class FlowResult:
         return np.array([h.get(key, np.nan) for h in self.history], dtype=float)
 
 
+def _number(name: str, val: Any, lo: float, *, strict: bool = False) -> float:
+    ok = isinstance(val, int | float | np.integer | np.floating) and not isinstance(val, bool)
+    if ok:
+        val = float(val)
+        ok = math.isfinite(val) and (val > lo if strict else val >= lo)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {lo}, "
+                         f"got {val!r}")
+    return val
+
+
 class NaturalGradientFlow:
-    """Natural-gradient flow of an energy in a Hilbert metric.
+    """Natural-gradient flow of an energy in a Hilbert metric (see the module docstring).
 
     Args:
         energy: the energy (regression, Ritz, PDE-constrained ...).
         metric: metric ``A_H`` on the energy's field (default ``H1(field)``); this is
             both the Gram metric and the metric of the Hilbert gradient.
-        method: ``"krylov"`` (matrix-free, default) or ``"dense"`` (reference).
-        eps: initial damping.
+        curvature: ``"auto"`` (default: ``"gauss-newton"`` when the energy offers
+            ``gauss_newton_product``, i.e. PDE-constrained energies; ``"none"`` else),
+            ``"gauss-newton"`` or ``"none"`` (the first-order flow).
+        expansion: an :class:`~nngf_fem.expansion.ExpansionPolicy` (or None): grow the
+            network when it says so, as a step of the flow.
+        method: ``"krylov"`` (matrix-free, default) or ``"dense"`` (reference) for the
+            natural-gradient solve.
+        eps: initial damping of the Gram system (first-order flow); the Gauss-Newton
+            flow uses ``eps`` relative to the largest eigenvalue of ``J^T A_H J``.
         eps_min: smallest damping.
-        eps_max: largest damping before the flow gives up.
-        adapt_eps: adapt ``eps`` Levenberg-Marquardt style.
-        max_step: largest trial step ``tau``; the first trial of each step is
-            ``min(max_step, 2 tau_prev)``.
-        armijo: sufficient-decrease constant ``c`` in ``E(new) <= E + c tau b.d``.
-        backtrack: step reduction factor.
-        max_backtracks: backtracking steps before the step is rejected and eps raised.
+        eps_max: largest damping before the flow gives up (``reason="stalled"``).
+        adapt_eps: adapt ``eps`` Levenberg-Marquardt style (first-order flow).
+        max_step: a safeguard on the step length ``tau`` of the first-order flow, not a
+            tuning knob. Default: 1 (the Gram model's step) for energies whose metric is
+            their own Hessian model (regression, Ritz), unbounded for PDE-constrained
+            energies, whose steps come from the Gauss-Newton model.
+        armijo: sufficient-decrease constant ``c`` (``E(new) <= E + c * predicted``).
+        backtrack: largest step reduction factor of a backtracking step.
+        max_backtracks: rejected trials before the damping is raised for the next step.
         alignment: compute the Hilbert gradient and the alignment every step.
         preconditioner: ``"nystrom"`` (default: randomized Nystrom, ``nystrom_rank``
             Gram products per step) or ``None`` for the natural-gradient KSP.
         nystrom_rank: sketch size of the Nystrom preconditioner.
         nystrom_refresh: solves a Nystrom sketch is reused for (see
             :class:`~nngf_fem.gram.NaturalGradientSolver`; 1 = a new sketch every step).
+        max_cg: largest number of Gauss-Newton products (incremental PDE solve pairs)
+            of one Gauss-Newton step (default ``min(P, 30)``).
+        cg_forcing: largest relative CG tolerance of a Gauss-Newton step; the tolerance
+            is ``min(cg_forcing, sqrt(|b| / |b_0|))`` (Eisenstat-Walker).
+        parameter_damping: ``delta`` of the Gauss-Newton damping
+            ``lambda (J^T A_H J + delta I)``, relative to the largest eigenvalue of
+            ``J^T A_H J``: the Euclidean part bounds the parameter step where the
+            network's linearization stops holding.
         petsc_options_prefix: prefix of the natural-gradient KSP.
         petsc_options: options of the natural-gradient KSP (CG, rtol 1e-10 default).
         raise_on_failure: raise :class:`FlowDivergedError` when the energy becomes
@@ -82,12 +134,14 @@ class NaturalGradientFlow:
         energy: EnergyFunctional,
         metric: Metric | None = None,
         *,
+        curvature: str = "auto",
+        expansion: Any = None,
         method: str = "krylov",
         eps: float = 1e-6,
         eps_min: float = 1e-12,
         eps_max: float = 1e8,
         adapt_eps: bool = True,
-        max_step: float = 1.0,
+        max_step: float | None = None,
         armijo: float = 1e-4,
         backtrack: float = 0.5,
         max_backtracks: int = 20,
@@ -95,20 +149,45 @@ class NaturalGradientFlow:
         preconditioner: str | None = "nystrom",
         nystrom_rank: int = 32,
         nystrom_refresh: int = 1,
+        max_cg: int | None = None,
+        cg_forcing: float = 0.5,
+        parameter_damping: float = 1e-3,
         petsc_options_prefix: str = "nngf_ng_",
         petsc_options: Mapping[str, Any] | None = None,
         raise_on_failure: bool = True,
     ):
         if not isinstance(energy, EnergyFunctional):
             raise TypeError(f"energy must be an EnergyFunctional, got {type(energy).__name__}")
-        for name, val, lo in (("eps", eps, 0.0), ("eps_min", eps_min, 0.0),
-                              ("eps_max", eps_max, 0.0), ("max_step", max_step, 0.0)):
-            if not (isinstance(val, int | float) and math.isfinite(val) and val >= lo):
-                raise ValueError(f"{name} must be a finite number >= {lo}, got {val!r}")
+        eps_min = _number("eps_min", eps_min, 0.0)
+        eps_max = _number("eps_max", eps_max, 0.0, strict=True)
+        eps = _number("eps", eps, 0.0)
+        if eps > eps_max:
+            raise ValueError(f"eps must be <= eps_max ({eps_max:g}), got {eps!r}")
+        if max_step is not None:
+            max_step = _number("max_step", max_step, 0.0, strict=True)
         if not 0 < backtrack < 1:
             raise ValueError(f"backtrack must be in (0, 1), got {backtrack!r}")
         if not 0 < armijo < 1:
             raise ValueError(f"armijo must be in (0, 1), got {armijo!r}")
+        if not isinstance(max_backtracks, int | np.integer) or max_backtracks < 0:
+            raise ValueError(f"max_backtracks must be an integer >= 0, got {max_backtracks!r}")
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature={curvature!r} is not known; allowed: {CURVATURES}")
+        has_gn = callable(getattr(energy, "gauss_newton_product", None))
+        if curvature == "auto":
+            curvature = "gauss-newton" if has_gn else "none"
+        if curvature == "gauss-newton" and not has_gn:
+            raise ValueError(f"curvature='gauss-newton' needs an energy with a Gauss-Newton "
+                             f"product (e.g. PDEConstrainedEnergy); {type(energy).__name__} "
+                             "has none")
+        if max_cg is not None and (not isinstance(max_cg, int | np.integer) or max_cg < 1):
+            raise ValueError(f"max_cg must be a positive integer, got {max_cg!r}")
+        if not 0 < cg_forcing < 1:
+            raise ValueError(f"cg_forcing must be in (0, 1), got {cg_forcing!r}")
+        if expansion is not None and not (callable(getattr(expansion, "should_expand", None))
+                                          and callable(getattr(expansion, "propose", None))):
+            raise TypeError("expansion must be an ExpansionPolicy (should_expand/propose), "
+                            f"got {type(expansion).__name__}")
         self.energy = energy
         self.field = energy.field
         self.comm = self.field.comm
@@ -127,14 +206,24 @@ class NaturalGradientFlow:
                                             nystrom_refresh=nystrom_refresh,
                                             petsc_options_prefix=petsc_options_prefix,
                                             petsc_options=petsc_options)
-        self.eps, self.eps_min, self.eps_max = float(eps), float(eps_min), float(eps_max)
+        self.curvature = curvature
+        self.expansion = expansion
+        self._gn_energy = has_gn
+        self.eps, self.eps_min, self.eps_max = eps, eps_min, eps_max
         self.adapt_eps = adapt_eps
+        if max_step is None:
+            max_step = math.inf if has_gn else 1.0
         self.max_step, self.armijo, self.backtrack = float(max_step), armijo, backtrack
         self.max_backtracks = int(max_backtracks)
+        self.max_cg, self.cg_forcing = max_cg, float(cg_forcing)
+        self.parameter_damping = _number("parameter_damping", parameter_damping, 0.0)
         self.compute_alignment = alignment
         self.raise_on_failure = raise_on_failure
         self.iteration = 0
-        self.tau = float(max_step)
+        self.tau = min(1.0, self.max_step)
+        self.lam: float | None = None  # Levenberg-Marquardt parameter (Gauss-Newton)
+        self._b0norm: float | None = None
+        self._tau_next: float | None = None  # first trial of the next first-order step
         self.history: list[dict[str, Any]] = []
         #: expansion records (see :mod:`nngf_fem.expansion`) and the last one's iteration
         self.expansions: list[dict[str, Any]] = []
@@ -149,14 +238,34 @@ class NaturalGradientFlow:
     def _evaluate(self, theta: np.ndarray | None = None) -> float:
         if theta is not None:
             self.field.set_parameters(theta)
-        E = self.energy.value()
-        return E
+        return self.energy.value()
+
+    def _trial(self, theta: np.ndarray) -> float:
+        """``E(theta)``, or inf when the network overflows or the PDE solve fails."""
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                E = self._evaluate(theta)
+        except _TRIAL_ERRORS:  # raised on all ranks together
+            return math.inf
+        return E if math.isfinite(E) else math.inf
+
+    def _nonfinite(self, E: float) -> None:
+        """Raise :class:`FlowDivergedError` (all ranks) for a non-finite energy here."""
+        if math.isfinite(E):
+            return
+        describe = getattr(self.energy, "describe_value", None)
+        what = f": {describe()}" if callable(describe) else ""
+        theta = self.field.get_parameters()
+        raise FlowDivergedError(
+            f"the energy is not finite ({E}) at the accepted parameters (iteration "
+            f"{self.iteration}, |theta|_max {np.max(np.abs(theta), initial=0.0):.3e}){what}")
 
     def direction(self) -> dict[str, Any]:
         """Derivative, Hilbert gradient, natural-gradient direction at the current point.
 
-        Returns a dict with ``e`` (dual), ``b = J^T e``, ``d``, ``dGd``, ``gnorm``,
-        ``alignment``, KSP info and timings.
+        Returns a dict with ``e`` (dual), ``b = J^T e``, ``d`` (the natural-gradient
+        direction ``d_H``), ``dGd``, ``gnorm``, ``alignment``, the linearization ``lin``,
+        KSP info and timings.
         """
         t0 = time.perf_counter()
         e = self.energy.derivative()
@@ -166,6 +275,8 @@ class NaturalGradientFlow:
         if self.metric.needs_grad:  # energies of quadrature fields see values only
             e_rows = np.concatenate([e, np.zeros(lin.n_rows - e.size)])
         b = lin.vjp(e_rows)
+        raise_on_any(self.comm, not np.all(np.isfinite(b)),
+                     "the parameter derivative J^T E' is not finite", FloatingPointError)
         t2 = time.perf_counter()
         gnorm = math.nan
         riesz_its = 0
@@ -177,53 +288,151 @@ class NaturalGradientFlow:
         d, dGd = self.solver.solve(lin, b, self.eps)
         t4 = time.perf_counter()
         bd = float(b @ d)
+        if not (np.all(np.isfinite(d)) and math.isfinite(dGd)):
+            raise FloatingPointError("the natural-gradient direction is not finite")
         align = math.nan
         if self.compute_alignment:
             align = 1.0 if gnorm == 0.0 else min(math.sqrt(max(-bd, 0.0)) / gnorm, 1.0)
-        return {"e": e, "b": b, "d": d, "bd": bd, "dGd": dGd, "gnorm": gnorm,
+        return {"e": e, "b": b, "d": d, "bd": bd, "dGd": dGd, "gnorm": gnorm, "lin": lin,
                 "alignment": align, "ksp_its": self.solver.iterations,
                 "ksp_reason": self.solver.reason, "riesz_its": riesz_its,
                 "sketch_products": getattr(self.solver, "sketch_products", 0),
                 "t_sketch": getattr(self.solver, "t_sketch", 0.0),
                 "t_pde": t1 - t0, "t_network": t2 - t1, "t_riesz": t3 - t2, "t_ng": t4 - t3}
 
+    def residual(self) -> dict[str, Any]:
+        """Hilbert gradient ``g``, the residual ``r = g - P_T g = g + J d_H`` (owned rows).
+
+        Returns a dict with ``g``, ``r``, ``alignment`` and the direction info.
+        """
+        if self.metric.needs_grad:
+            raise ValueError("expansion needs a FE-representation metric (representation='fe')")
+        info = self.direction()
+        g = self.metric.riesz(info["e"])
+        Jd = info["lin"].jvp(info["d"])
+        return {"g": g, "r": g + Jd, "alignment": info["alignment"], "info": info}
+
+    def _gn_apply(self, lin) -> Callable[[np.ndarray], np.ndarray]:
+        n_val = self.field.local_size
+
+        def apply(v: np.ndarray) -> np.ndarray:
+            Jv = lin.jvp(v)
+            dual = self.energy.gauss_newton_product(Jv[:n_val])
+            if lin.n_rows > n_val:
+                dual = np.concatenate([dual, np.zeros(lin.n_rows - n_val)])
+            return lin.vjp(dual)
+
+        return apply
+
     # --------------------------------------------------------------- step
     def step(self) -> dict[str, Any]:
-        """One natural-gradient step; returns (and appends to the history) its record.
+        """One step (an expansion first, when the policy says so); returns its record.
+
+        The record is appended to :attr:`history`; an expansion adds its own record
+        (``kind`` set) before it.
 
         Raises:
-            FlowDivergedError: non-finite energy at the current parameters.
+            FlowDivergedError: non-finite energy at the current (accepted) parameters.
         """
+        if self.expansion is not None and self.expansion.should_expand(self):
+            self.grow(**self.expansion.propose(self))
         tstart = time.perf_counter()
         theta0 = self.field.get_parameters()
         t0 = time.perf_counter()
         E0 = self._energy if self._energy is not None else self._evaluate()
         t_pde = time.perf_counter() - t0
-        raise_on_any(self.comm, not math.isfinite(E0), f"energy is not finite ({E0})",
-                     FlowDivergedError)
-        info = self.direction()
+        self._nonfinite(E0)
+        try:
+            info = self.direction()
+            failure = ""
+        except _TRIAL_ERRORS as err:  # non-finite Gram products etc.: reject, damp
+            info, failure = None, str(err)
+        rec: dict[str, Any] = {"iteration": self.iteration}
+        if info is None:
+            rec.update(self._rejected(theta0, E0, failure))
+        elif self.curvature == "gauss-newton":
+            rec.update(self._gauss_newton_step(theta0, E0, info))
+        else:
+            rec.update(self._first_order_step(theta0, E0, info))
+        if info is not None:
+            rec.update({"gnorm": info["gnorm"], "alignment": info["alignment"],
+                        "ksp_its": info["ksp_its"], "ksp_reason": info["ksp_reason"],
+                        "sketch_products": info["sketch_products"],
+                        "t_sketch": info["t_sketch"], "riesz_its": info["riesz_its"],
+                        "t_riesz": info["t_riesz"], "t_ng": info["t_ng"],
+                        "t_network": info["t_network"]})
+            rec["t_pde"] = rec.get("t_pde", 0.0) + info["t_pde"]
+        rec.update({"energy_before": E0, "n_params": self.field.num_params,
+                    "curvature": self.curvature})
+        rec["t_pde"] = rec.get("t_pde", 0.0) + t_pde
+        rec["t_total"] = time.perf_counter() - tstart
+        counters = getattr(self.energy, "counters", {})
+        if "forward" in counters:
+            rec["pde_solves"] = (counters["forward"] + counters["adjoint"]
+                                 + counters.get("incremental", 0))
+        self.history.append(rec)
+        self.iteration += 1
+        rec["stalled"] = not rec["accepted"] and rec["eps"] >= self.eps_max
+        return rec
+
+    def _rejected(self, theta0: np.ndarray, E0: float, why: str) -> dict[str, Any]:
+        self.field.set_parameters(theta0)
+        self._energy = E0
+        eps_used = self.eps
+        self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
+        if self.lam is not None:
+            self.lam *= 10.0
+        self._tau_next = None
+        return {"energy": E0, "step": 0.0, "eps": eps_used, "rho": math.nan,
+                "accepted": False, "backtracks": 0, "bd": math.nan, "failure": why,
+                "gnorm": math.nan, "alignment": math.nan, "ksp_its": 0, "ksp_reason": 0}
+
+    def _accept(self, E1: float, E0: float, pred: float) -> bool:
+        """Sufficient decrease against the predicted decrease (``pred > 0``)."""
+        return math.isfinite(E1) and E1 < E0 and E0 - E1 >= self.armijo * pred
+
+    def _first_order_step(self, theta0, E0, info) -> dict[str, Any]:
         d, bd, dGd = info["d"], info["bd"], info["dGd"]
-        tau = min(self.max_step, 2.0 * self.tau) if self.history else self.max_step
-        accepted, E1, n_bt = False, E0, 0
         t0 = time.perf_counter()
-        if bd < 0 and np.all(np.isfinite(d)):
+        model_curv = dGd  # curvature of the Gram model along d (regression/Ritz: exact)
+        if self._gn_energy:
+            if self._tau_next is None:  # one Gauss-Newton product: the model along d
+                curv = float(d @ self._gn_apply(info["lin"])(d))
+                self.energy.counters["curvature_probes"] = \
+                    self.energy.counters.get("curvature_probes", 0) + 1
+                tau = -bd / curv if curv > 0 else 1.0
+                model_curv = curv
+            else:
+                tau = self._tau_next
+                model_curv = -bd / tau
+        else:
+            tau = min(self.max_step, 2.0 * self.tau) if self.history else self.max_step
+        tau = min(tau, self.max_step)
+        accepted, E1, n_bt = False, E0, 0
+        if bd < 0:
             for n_bt in range(self.max_backtracks + 1):  # noqa: B007
-                try:  # a trial that overflows the network or breaks the PDE solve is rejected
-                    E1 = self._evaluate(theta0 + tau * d)
-                except (FloatingPointError, SolverError):  # raised on all ranks together
-                    E1 = math.inf
-                if math.isfinite(E1) and E1 <= E0 + self.armijo * tau * bd:
+                E1 = self._trial(theta0 + tau * d)
+                if math.isfinite(E1) and E1 <= E0 + self.armijo * tau * bd and E1 < E0:
                     accepted = True
                     break
-                tau *= self.backtrack
+                if math.isfinite(E1) and E1 > E0 + bd * tau:  # quadratic interpolation
+                    tq = -bd * tau**2 / (2.0 * (E1 - E0 - bd * tau))
+                    tau = min(max(tq, 0.1 * tau), self.backtrack * tau)
+                else:
+                    tau *= min(self.backtrack, 0.1) if not math.isfinite(E1) else self.backtrack
         t_ls = time.perf_counter() - t0
         eps_used = self.eps
+        rho = math.nan
         if accepted:
-            pred = -(tau * bd + 0.5 * tau**2 * dGd)
+            pred = -(tau * bd + 0.5 * tau**2 * model_curv)
             rho = (E0 - E1) / pred if pred > 0 else 0.0
             self.tau = tau
             self._energy = E1
-            if self.adapt_eps:
+            if self._gn_energy:  # next first trial: minimizer of the parabola along d
+                c = 2.0 * (E1 - E0 - bd * tau) / tau**2
+                t_star = -bd / c if c > 0 else 4.0 * tau
+                self._tau_next = min(max(t_star, 0.25 * tau), 4.0 * tau)
+            elif self.adapt_eps:
                 unit = min(1.0, self.max_step)
                 if n_bt > 0 and tau < unit:
                     # shorter than the unit (Gauss-Newton) step: damp the next direction
@@ -235,27 +444,115 @@ class NaturalGradientFlow:
                 elif rho < 0.25 and tau <= unit:
                     self.eps = min(max(self.eps, self.eps_min) * 2.0, self.eps_max)
         else:
-            rho = math.nan
             self.field.set_parameters(theta0)
-            self._energy = E0
-            E1 = E0
+            self._energy = E1 = E0
             self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
-            self.tau = self.max_step
-        rec = {
-            "iteration": self.iteration, "energy": E1, "energy_before": E0,
-            "gnorm": info["gnorm"], "alignment": info["alignment"],
-            "step": tau if accepted else 0.0,
-            "eps": eps_used, "rho": rho, "accepted": accepted, "backtracks": n_bt,
-            "ksp_its": info["ksp_its"], "ksp_reason": info["ksp_reason"],
-            "sketch_products": info["sketch_products"], "t_sketch": info["t_sketch"],
-            "riesz_its": info["riesz_its"], "n_params": self.field.num_params,
-            "bd": bd, "t_pde": t_pde + info["t_pde"] + t_ls, "t_riesz": info["t_riesz"],
-            "t_ng": info["t_ng"], "t_network": info["t_network"],
-            "t_total": time.perf_counter() - tstart,
-        }
-        self.history.append(rec)
-        self.iteration += 1
-        rec["stalled"] = not accepted and eps_used >= self.eps_max
+            self.tau = self.max_step if not self._gn_energy else 1.0
+            self._tau_next = None
+        return {"energy": E1, "step": tau if accepted else 0.0, "eps": eps_used, "rho": rho,
+                "accepted": accepted, "backtracks": n_bt, "bd": bd, "t_pde": t_ls}
+
+    def _gauss_newton_step(self, theta0, E0, info) -> dict[str, Any]:
+        b, lin = info["b"], info["lin"]
+        t0 = time.perf_counter()
+        counters = self.energy.counters
+        inc0 = counters.get("incremental", 0)
+        hg = HilbertGram(self.metric, lin)
+        scale = max(hg.lam_max, 1e-300)
+        # damping lambda (J^T A_H J + delta I): the Euclidean part keeps the step inside
+        # the region where the network's linearization holds
+        delta = self.parameter_damping * scale
+        eps = max(self.eps, self.eps_min) * scale
+        sub = GaussNewtonSubspace(self._gn_apply(lin), hg, b)
+        bnorm = math.sqrt(max(float(b @ hg.solve(b, 1.0, delta)), 0.0))
+        if self._b0norm is None or self._b0norm == 0.0:
+            self._b0norm = bnorm
+        if self.lam is None:  # scale-free start: GN curvature relative to the damping
+            v = -hg.solve(b, 1.0, delta)
+            _, Gv = sub.rayleigh(v)
+            self.lam = max(float(v @ Gv) / max(float(v @ hg.apply(v)) + delta * float(v @ v),
+                                               1e-300), 1e-12)
+        rtol = min(self.cg_forcing, math.sqrt(bnorm / max(self._b0norm, 1e-300)))
+        max_cg = self.max_cg or min(self.field.num_params, 30)
+        cg = sub.cg(self.lam, self.lam * delta + eps, rtol, max_cg)
+        accepted, E1, n_bt, lam_used = False, E0, 0, self.lam
+        rho, tau, d = math.nan, 0.0, None
+        nu = 2.0  # Nielsen's damping update: lambda *= nu, nu *= 2 on each rejection
+        for n_bt in range(self.max_backtracks + 1):  # noqa: B007
+            lam_used = self.lam
+            d, dGd = sub.solve(self.lam, self.lam * delta + eps)
+            pred = -(float(b @ d) + 0.5 * dGd)
+            if pred > 0 and np.all(np.isfinite(d)):
+                E1 = self._trial(theta0 + d)
+                rho = (E0 - E1) / pred if math.isfinite(E1) else -math.inf
+                if self._accept(E1, E0, pred):
+                    accepted = True
+                    break
+            self.lam *= nu
+            nu *= 2.0
+        t_ls = time.perf_counter() - t0
+        if accepted:
+            self._energy = E1
+            tau = 1.0
+            self.lam = max(self.lam * max(1.0 / 3.0, 1.0 - (2.0 * min(rho, 1.0) - 1.0) ** 3),
+                           1e-12)
+        else:
+            self.field.set_parameters(theta0)
+            self._energy = E1 = E0
+            self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
+        return {"energy": E1, "step": tau, "eps": eps, "rho": rho, "accepted": accepted,
+                "backtracks": n_bt, "bd": float(b @ d) if d is not None else math.nan,
+                "lambda": lam_used, "cg_its": cg["iterations"], "cg_reason": cg["reason"],
+                "cg_rtol": rtol, "gn_products": counters.get("incremental", 0) - inc0,
+                "t_pde": t_ls}
+
+    # ---------------------------------------------------------- expansion
+    def grow(self, kind: str, layer: int, W: np.ndarray, beta: np.ndarray,
+             **info: Any) -> dict[str, Any]:
+        """Grow the network by the neurons ``(W, beta)``, function-preservingly; record it.
+
+        Args:
+            kind: ``"width"`` (neurons added to hidden layer ``layer``, zero outgoing
+                weights) or ``"depth"`` (an identity-initialized residual block).
+            layer: hidden layer (width growth).
+            W: ``(k, d_in)`` input weights of the new neurons.
+            beta: ``(k,)`` their biases.
+            **info: extra entries of the record (e.g. the policy's ``captured`` fractions
+                and ``alignment_before``).
+
+        The represented function is unchanged; caches that depend on the parameter
+        space (energy, Nystrom sketch, Gauss-Newton damping scale) are reset.
+        """
+        from nngf_fem.expansion import expand_depth, expand_width
+
+        field, module = self.field, self.field.module
+        p0 = field.num_params
+        vals0 = field.values()
+        if kind == "width":
+            expand_width(module, layer, W, beta)
+        elif kind == "depth":
+            expand_depth(module, W, beta)
+        else:
+            raise ValueError(f"kind={kind!r} is not known; allowed: 'width', 'depth'")
+        sync = getattr(field, "broadcast_parameters", None)
+        if callable(sync):
+            sync()
+        field.update()
+        change = float(np.max(np.abs(field.values() - vals0), initial=0.0))
+        change = self.comm.allreduce(change, op=MPI.MAX)
+        self._energy = None
+        self._tau_next = None
+        self.eps = max(self.eps, self.eps_min)
+        E = self.energy.value()
+        rec = {"iteration": self.iteration, "kind": kind, "layer": layer,
+               "params_before": p0, "params_after": field.num_params, "energy": E,
+               "max_value_change": change, **info}
+        if self.compute_alignment and not self.metric.needs_grad:
+            rec["alignment_after"] = self.direction()["alignment"]
+        self._energy = E
+        self.expansions.append(rec)
+        self.last_expansion = self.iteration
+        self.history.append(dict(rec))
         return rec
 
     # ---------------------------------------------------------------- run
@@ -282,8 +579,13 @@ class NaturalGradientFlow:
         """
         from nngf_fem.checkpoint import save_checkpoint
 
-        if not isinstance(max_iter, int) or max_iter < 0:
+        if not isinstance(max_iter, int | np.integer) or isinstance(max_iter, bool) \
+                or max_iter < 0:
             raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+        if not isinstance(checkpoint_every, int | np.integer) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be a positive integer, got "
+                             f"{checkpoint_every!r}")
+        max_iter = int(max_iter)
         bar = None
         if progress and self.comm.rank == 0:
             try:
@@ -318,7 +620,9 @@ class NaturalGradientFlow:
                         <= etol * max(abs(rec["energy_before"]), 1e-300)):
                     reason, converged = "etol", True
                     break
-                if callback is not None and callback(self, rec):
+                # a callback may decide on one rank only: the stop is decided together
+                stop = bool(callback(self, rec)) if callback is not None else False
+                if self.comm.allreduce(stop, op=MPI.LOR):
                     reason, converged = "callback", True
                     break
                 if checkpoint and self.iteration % checkpoint_every == 0:
@@ -336,7 +640,9 @@ class NaturalGradientFlow:
         """Flow state (parameters included) for checkpoints."""
         return {"iteration": self.iteration, "eps": self.eps, "tau": self.tau,
                 "energy": self._energy, "history": [dict(h) for h in self.history],
-                "parameters": self.field.get_parameters(), "solver": self.solver.state_dict()}
+                "parameters": self.field.get_parameters(), "solver": self.solver.state_dict(),
+                "curvature": self.curvature, "lambda": self.lam, "b0norm": self._b0norm,
+                "tau_next": self._tau_next}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (same network architecture)."""
@@ -347,10 +653,16 @@ class NaturalGradientFlow:
         self.history = [dict(h) for h in state["history"]]
         if "solver" in state:
             self.solver.load_state_dict(state["solver"])
+        if state.get("curvature", self.curvature) != self.curvature:
+            raise ValueError(f"the state was saved by a flow with curvature="
+                             f"{state['curvature']!r}, this flow has {self.curvature!r}")
+        self.lam, self._b0norm = state.get("lambda"), state.get("b0norm")
+        self._tau_next = state.get("tau_next")
 
     def reset_cache(self) -> None:
         """Forget the cached energy (after the parameters were changed from outside)."""
         self._energy = None
+        self._tau_next = None
 
     def destroy(self) -> None:
         """Destroy PETSc objects owned by the flow (a default metric)."""

@@ -120,6 +120,9 @@ class NystromPreconditioner:
             Y = op.apply_block(omega)
         finally:
             op.eps = eps
+        if not np.all(np.isfinite(Y)):  # Y is allreduced: the same verdict on every rank
+            raise FloatingPointError("non-finite Gram products in the Nystrom sketch (the "
+                                     "network's Jacobian overflows at these parameters)")
         nu = np.sqrt(P) * np.finfo(float).eps * np.linalg.norm(Y)
         Y += nu * omega
         M = omega.T @ Y

@@ -74,6 +74,41 @@ def _coefficients(form) -> list:
     return list(ufl.algorithms.extract_coefficients(form))
 
 
+def _solve_inputs(F, bcs, exclude) -> list:
+    """Callables returning copies of every input of the forward problem but ``exclude``."""
+    out = []
+    for c in _coefficients(F):
+        if isinstance(c, fem.Function) and all(c is not e for e in exclude):
+            out.append(lambda c=c: c.x.array.copy())
+    for c in ufl.algorithms.analysis.extract_constants(F):
+        if isinstance(c, fem.Constant):
+            out.append(lambda c=c: np.array(c.value, dtype=np.float64, copy=True))
+    for bc in bcs:
+        g = bc.g
+        if isinstance(g, fem.Function):
+            out.append(lambda g=g: g.x.array.copy())
+        elif isinstance(g, fem.Constant):
+            out.append(lambda g=g: np.array(g.value, dtype=np.float64, copy=True))
+        elif hasattr(g, "value"):  # a raw C++ constant
+            out.append(lambda g=g: np.array(g.value, dtype=np.float64, copy=True))
+    return out
+
+
+def _add_point_hessian(obs: PointObservations, dy: fem.Function, local_array: np.ndarray) -> None:
+    """Add ``-sum_i w_i dy(x_i) phi_j(x_i)`` (the point misfit's Hessian) into a local array."""
+    zero = np.zeros_like(obs.data)
+    data, obs.data = obs.data, zero
+    try:
+        obs.add_adjoint_rhs(dy, local_array)
+    finally:
+        obs.data = data
+
+
+def _name(f: fem.Function, role: str) -> str:
+    """``'y'`` for a named Function; DOLFINx's default name ``f`` becomes the role."""
+    return f"'{f.name}'" if f.name and f.name != "f" else f"(the {role} Function)"
+
+
 class PDEConstrainedEnergy(EnergyFunctional):
     """Reduced energy ``E(k) = D(y(k)) + R(k)`` of a PDE-constrained problem.
 
@@ -96,6 +131,9 @@ class PDEConstrainedEnergy(EnergyFunctional):
         reuse_factorization: for linear problems solved by a direct method (the
             default LU), solve the adjoint system with the transpose of the forward
             factorization instead of assembling and factorizing ``(dF/dy)^*`` anew.
+        check_singular: after each direct forward solve, check the relative residual
+            (and MUMPS' null-pivot count) and raise :class:`SolverError` for a singular
+            or indefinite system instead of returning a meaningless state.
     """
 
     def __init__(
@@ -114,6 +152,7 @@ class PDEConstrainedEnergy(EnergyFunctional):
         newton_atol: float = 1e-14,
         newton_max_it: int = 50,
         reuse_factorization: bool = True,
+        check_singular: bool = True,
     ):
         super().__init__(control)
         if misfit is None and observations is None:
@@ -126,6 +165,11 @@ class PDEConstrainedEnergy(EnergyFunctional):
             misfit = zero * ufl.inner(state, state) * ufl.dx
         self._validate(F, state, control, misfit)
         self.F, self.y, self.bcs, self.k = F, state, list(bcs), control
+        self.state_name = _name(state, "state")
+        self.check_singular = bool(check_singular)
+        self.singular_rtol = 1e-6
+        self._good: tuple | None = None  # (key, state) of the last finite energy
+        self._adj_for: tuple | None = None  # key at which (dF/dy)^* was assembled
         V = state.function_space
         (v,) = F.arguments()
         du = ufl.TrialFunction(V)
@@ -157,6 +201,22 @@ class PDEConstrainedEnergy(EnergyFunctional):
         self._dk = fem.form(dk)
         self._dkvec = la.vector(control.space.dofmap.index_map, control.space.dofmap.index_map_bs)
         self._rows = control.owned_rows()
+        # incremental (tangent-linear) forward and adjoint: the Gauss-Newton product
+        self.y_inc = fem.Function(V, name="incremental_state")
+        self.p_inc = fem.Function(V, name="incremental_adjoint")
+        self.k_inc = fem.Function(control.space, name="control_direction")
+        self._rhs_tangent = fem.form(-ufl.derivative(F, control.ufl, self.k_inc))
+        try:
+            self._rhs_inc_adj = fem.form(-ufl.derivative(
+                ufl.derivative(misfit, state, ufl.TestFunction(V)), state, self.y_inc))
+        except Exception as err:  # noqa: BLE001 - re-raised with context
+            raise ValueError(f"the misfit has no second derivative in the state: {err}") from err
+        hk = ufl.derivative(ufl.replace(F, {v: self.p_inc}), control.ufl, w)
+        if regs:
+            hk = hk + ufl.derivative(ufl.derivative(R, control.ufl, w), control.ufl, self.k_inc)
+        self._hk = fem.form(hk)
+        # what else the forward solve depends on (a cache key besides the control)
+        self._inputs = _solve_inputs(F, bcs, exclude=(state, control.ufl))
         # PETSc objects
         self._A = assemble_matrix(self._J, bcs=self.bcs)
         self._A.assemble()
@@ -172,13 +232,18 @@ class PDEConstrainedEnergy(EnergyFunctional):
                                  petsc_options=opts, defaults=LU_DEFAULTS)
         self.newton_rtol, self.newton_atol = newton_rtol, newton_atol
         self.newton_max_it = int(newton_max_it)
-        self.counters.update({"forward": 0, "adjoint": 0, "newton_iterations": 0})
+        self.counters.update({"forward": 0, "adjoint": 0, "incremental": 0,
+                              "newton_iterations": 0, "factorizations": 0,
+                              "back_substitutions": 0})
         #: seconds spent in forward (Newton) and adjoint solves, assembly included
         self.timings = {"forward": 0.0, "adjoint": 0.0}
         self.reuse_factorization = bool(reuse_factorization)
         self._A_for: np.ndarray | None = None  # control values the forward matrix was built at
-        self._solved_for: np.ndarray | None = None
+        self._solved_for: tuple | None = None  # (control values, other inputs) of the state
+        self._saved: list[tuple[tuple, np.ndarray]] = []  # a few solved states, newest last
         self._last_misfit = float("nan")
+        self._last_regularization = float("nan")
+        self._fwd_op_valid = False  # the forward KSP holds dF/dy at the solved state
 
     # ------------------------------------------------------------ checks
     @staticmethod
@@ -190,15 +255,20 @@ class PDEConstrainedEnergy(EnergyFunctional):
             raise TypeError(f"state must be a dolfinx Function, got {type(state).__name__}")
         coeffs = _coefficients(F)
         if state not in coeffs:
-            raise ValueError(f"the state '{state.name}' does not appear in F")
+            raise ValueError(f"the state {_name(state, 'Function')} does not appear in F")
         if control.ufl not in coeffs:
-            raise ValueError(f"the control '{control.function.name}' does not appear in F")
+            raise ValueError(f"the control {_name(control.function, 'Function')} does not "
+                             "appear in F")
         if F.arguments()[0].ufl_function_space() != state.function_space:
             raise ValueError("the test function of F is not on the state's function space")
         if state.function_space.mesh is not control.mesh:
             raise ValueError("the state and the control live on different meshes")
         if not isinstance(misfit, ufl.Form) or len(misfit.arguments()) != 0:
             raise ValueError("misfit must be a UFL form of rank 0 (a functional)")
+        if state not in _coefficients(misfit):
+            raise ValueError(f"the misfit does not contain the state {_name(state, 'Function')}"
+                             ": it would not depend on the control (write it in terms of "
+                             "the state Function passed as `state`)")
         for c in _coefficients(misfit):
             if isinstance(c, fem.Function) and c is not state and c is not control.ufl:
                 if c.function_space.mesh is not control.mesh:
@@ -216,53 +286,118 @@ class PDEConstrainedEnergy(EnergyFunctional):
         set_bc(self._b, self.bcs, self.y.x.petsc_vec, -1.0)
         return self._b.norm()
 
+    def _key(self) -> tuple:
+        """What the state depends on: control values and the other inputs of ``F``."""
+        return (self.k.function.x.array.copy(), *(f() for f in self._inputs))
+
+    @staticmethod
+    def _same(a: tuple | None, b: tuple) -> bool:
+        return a is not None and len(a) == len(b) and all(
+            np.array_equal(x, z) for x, z in zip(a, b, strict=True))
+
     def solve_forward(self) -> None:
         """Newton solve of ``F(y, k; v) = 0`` for the current control (cached).
 
+        The state is cached by the control values *and* every other input of ``F``
+        (``fem.Constant`` values, data Functions, Dirichlet values), so changing a
+        constant in place triggers a new solve. The last few solved states are kept:
+        returning to them (e.g. after a rejected trial step) costs no solve. Newton
+        starts from the last state whose energy was finite (linear problems from zero),
+        so a failed or overflowing trial never poisons later solves.
+
         Raises:
-            SolverError: Newton or its linear solves did not converge (all ranks).
+            SolverError: Newton or its linear solves did not converge, or the linear
+                system is singular (all ranks).
         """
-        current = self.k.function.x.array
-        if self._solved_for is not None and np.array_equal(self._solved_for, current):
+        key = self._key()
+        if self._same(self._solved_for, key):
             return
+        for old, y_old in self._saved:
+            if self._same(old, key):  # back at a solved point: restore, no solve
+                self.y.x.array[:] = y_old
+                self._solved_for = key
+                self._fwd_op_valid = False
+                self.counters["restored"] = self.counters.get("restored", 0) + 1
+                return
         self.counters["forward"] += 1
         self._solved_for = None
+        self._fwd_op_valid = False
         t0 = time.perf_counter()
+        if self.linear:  # one exact Newton step from zero: no memory of earlier trials
+            self.y.x.array[:] = 0.0
+        elif self._good is not None:
+            self.y.x.array[:] = self._good[1]
         try:
             self._newton()
         except Exception:
-            self.y.x.array[:] = 0.0  # do not warm-start the next solve from a failed state
+            # do not warm-start the next solve from a failed state
+            self.y.x.array[:] = 0.0 if self._good is None else self._good[1]
             self._A_for = None
             raise
         finally:
             self.timings["forward"] += time.perf_counter() - t0
-        self._solved_for = self.k.function.x.array.copy()
+        self._solved_for = key
+        self._fwd_op_valid = True
+        self._saved = [*self._saved[-2:], (key, self.y.x.array.copy())]
+
+    def _check_linear_solve(self, rhs: PETSc.Vec, sol: PETSc.Vec, what: str) -> None:
+        """Raise a clear error for a singular system (a direct solver 'succeeds' on it)."""
+        ksp = self._fwd.ksp
+        null_pivots = 0
+        pc = ksp.getPC()
+        if pc.getType() in ("lu", "cholesky"):
+            try:
+                F = pc.getFactorMatrix()
+                if F.getType() == "mumps":
+                    null_pivots = F.getMumpsInfog(28)
+            except PETSc.Error:  # pragma: no cover - other factorization packages
+                null_pivots = 0
+        r = rhs.duplicate()
+        self._A.mult(sol, r)
+        r.axpy(-1.0, rhs)
+        rel = r.norm() / max(rhs.norm(), 1e-300)
+        r.destroy()
+        bad = null_pivots > 0 or not np.isfinite(rel) or rel > self.singular_rtol
+        raise_on_any(self.comm, bad,
+                     f"{what}: the linear system dF/dy of the state {self.state_name} is "
+                     f"singular or indefinite (relative residual {rel:.1e} after the solve, "
+                     f"{null_pivots} null pivot(s)); check the boundary conditions (a pure "
+                     "Neumann problem needs a constraint) and that the coefficient keeps "
+                     "its sign", SolverError)
 
     def _newton(self) -> None:
         r0 = self._residual()
         r = r0
+        direct = self._fwd.ksp.getType() == "preonly"
         for it in range(self.newton_max_it + 1):
             if r <= max(self.newton_atol, self.newton_rtol * r0) or (it > 0 and self.linear):
                 break
             if it == self.newton_max_it:
                 raise SolverError(f"Newton did not converge in {it} iterations "
-                                  f"(residual {r:.3e}, initial {r0:.3e})")
+                                  f"(residual {r:.3e}, initial {r0:.3e}) for the state "
+                                  f"{self.state_name}")
             self._A.zeroEntries()
             assemble_matrix(self._A, self._J, bcs=self.bcs)
             self._A.assemble()
             self._A_for = self.k.function.x.array.copy() if self.linear else None
             self._fwd.ksp.setOperators(self._A)
             self._fwd.solve(self._b, self._dx)
+            self.counters["factorizations"] += int(direct)
+            self.counters["back_substitutions"] += 1
+            if direct and self.check_singular:
+                self._check_linear_solve(self._b, self._dx, "forward solve")
             self.y.x.petsc_vec.axpy(-1.0, self._dx)
             self.y.x.scatter_forward()
             self.counters["newton_iterations"] += 1
             r = self._residual()
-            raise_on_any(self.comm, not np.isfinite(r), "Newton produced a non-finite residual",
-                         SolverError)
+            raise_on_any(self.comm, not np.isfinite(r),
+                         f"Newton produced a non-finite residual for the state "
+                         f"{self.state_name}", SolverError)
 
     def _factorization_reusable(self) -> bool:
         """The forward KSP holds a direct factorization of ``dF/dy`` at the current control."""
         if not (self.reuse_factorization and self.linear and self._A_for is not None
+                and self._fwd_op_valid
                 and np.array_equal(self._A_for, self.k.function.x.array)):
             return False
         ksp = self._fwd.ksp
@@ -279,11 +414,7 @@ class PDEConstrainedEnergy(EnergyFunctional):
         t0 = time.perf_counter()
         self.counters["adjoint"] += 1
         reuse = self._factorization_reusable()
-        if not reuse:
-            self._Aadj.zeroEntries()
-            assemble_matrix(self._Aadj, self._Jadj, bcs=self.bcs)
-            self._Aadj.assemble()
-            self._adj.ksp.setOperators(self._Aadj)
+        self._assemble_adjoint_operator(reuse)
         with self._b.localForm() as loc:
             loc.set(0.0)
         assemble_vector(self._b, self._dD)
@@ -300,8 +431,105 @@ class PDEConstrainedEnergy(EnergyFunctional):
                          SolverError)
         else:
             self._adj.solve(self._b, self.p.x.petsc_vec)
+        self.counters["back_substitutions"] += 1
         self.p.x.scatter_forward()
         self.timings["adjoint"] += time.perf_counter() - t0
+
+    def _assemble_adjoint_operator(self, reuse: bool) -> None:
+        """Assemble ``(dF/dy)^*`` at the current state unless it is there already."""
+        if reuse or self._same(self._adj_for, self._solved_for):
+            return
+        self._Aadj.zeroEntries()
+        assemble_matrix(self._Aadj, self._Jadj, bcs=self.bcs)
+        self._Aadj.assemble()
+        self._adj.ksp.setOperators(self._Aadj)
+        self._adj_for = self._solved_for
+        self.counters["factorizations"] += int(self._adj.ksp.getType() == "preonly")
+
+    # ------------------------------------------- incremental (tangent) solves
+    def _rhs(self, form, extra=None) -> None:
+        with self._b.localForm() as loc:
+            loc.set(0.0)
+        assemble_vector(self._b, form)
+        if extra is not None:
+            with self._b.localForm() as loc:
+                extra(loc.array)
+        self._b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        set_bc(self._b, self.bcs, alpha=0.0)
+
+    def incremental_forward(self, dk: np.ndarray) -> fem.Function:
+        """Tangent-linear solve ``(dF/dy) dy = -(dF/dk) dk`` at the current state.
+
+        Args:
+            dk: control direction on the control's owned rows (as ``derivative()``).
+
+        Returns:
+            ``dy`` (the Function :attr:`y_inc`, overwritten by the next call).
+
+        For a linear state equation with a direct solver the forward factorization is
+        reused (a back-substitution); otherwise the factorization of ``(dF/dy)^*`` at
+        the current state (from the adjoint solve) is used transposed.
+        """
+        dk = np.asarray(dk, dtype=np.float64)
+        if dk.shape != self._rows.shape:
+            raise ValueError(f"dk must have shape {self._rows.shape}, got {dk.shape}")
+        self.solve_forward()
+        self.k.write(dk, self.k_inc)
+        self._rhs(self._rhs_tangent)
+        ksp, transpose = self._jacobian_solver()
+        (ksp.solveTranspose if transpose else ksp.solve)(self._b, self.y_inc.x.petsc_vec)
+        self._check_ksp(ksp, "incremental forward solve")
+        self.y_inc.x.scatter_forward()
+        self.counters["back_substitutions"] += 1
+        return self.y_inc
+
+    def incremental_adjoint(self) -> fem.Function:
+        """Second-order adjoint ``(dF/dy)^* p = -D_yy[dy]`` for ``dy`` = :attr:`y_inc`.
+
+        Returns the Function :attr:`p_inc` (overwritten by the next call).
+        """
+        extra = None
+        if self.observations is not None:
+            obs = self.observations
+
+            def extra(arr):
+                _add_point_hessian(obs, self.y_inc, arr)
+        self._rhs(self._rhs_inc_adj, extra)
+        ksp, transpose = self._jacobian_solver()
+        (ksp.solve if transpose else ksp.solveTranspose)(self._b, self.p_inc.x.petsc_vec)
+        self._check_ksp(ksp, "incremental adjoint solve")
+        self.p_inc.x.scatter_forward()
+        self.counters["back_substitutions"] += 1
+        return self.p_inc
+
+    def gauss_newton_product(self, dk: np.ndarray) -> np.ndarray:
+        """Gauss-Newton Hessian times a control direction, ``(S'^* D_yy S' + R'') dk``.
+
+        ``S'`` is the linearized control-to-state map; the result is a dual vector on the
+        control's owned rows (like :meth:`derivative`). One incremental forward and one
+        incremental adjoint solve, both back-substitutions with a factorization at the
+        current state (counted as one ``incremental`` solve). Symmetric positive
+        semi-definite for convex misfits.
+        """
+        self.incremental_forward(dk)
+        self.incremental_adjoint()
+        self.counters["incremental"] += 1
+        self._dkvec.array[:] = 0.0
+        fem.assemble_vector(self._dkvec.array, self._hk)
+        self._dkvec.scatter_reverse(la.InsertMode.add)
+        return self._dkvec.array[self._rows].copy()
+
+    def _jacobian_solver(self) -> tuple[PETSc.KSP, bool]:
+        """A KSP holding ``dF/dy`` at the current state: (ksp, solves with its transpose)."""
+        if self._fwd_op_valid and self._factorization_reusable():
+            return self._fwd.ksp, False
+        self._assemble_adjoint_operator(False)
+        return self._adj.ksp, True
+
+    def _check_ksp(self, ksp: PETSc.KSP, what: str) -> None:
+        reason = ksp.getConvergedReason()
+        raise_on_any(self.comm, reason <= 0, f"{what} failed (PETSc reason {reason})",
+                     SolverError)
 
     # ------------------------------------------------------- interface
     def value(self) -> float:
@@ -312,7 +540,27 @@ class PDEConstrainedEnergy(EnergyFunctional):
         if self.observations is not None:
             self._last_misfit += self.observations.misfit(self.y)
         R = 0.0 if self._R is None else self.comm.allreduce(fem.assemble_scalar(self._R))
-        return self._last_misfit + R
+        self._last_regularization = R
+        E = self._last_misfit + R
+        if np.isfinite(E):  # Newton's initial guess for the next new control
+            self._good = (self._solved_for, self.y.x.array.copy())
+        return E
+
+    def describe_value(self) -> str:
+        """The parts of the last :meth:`value` (for messages about non-finite energies)."""
+        ymax = self.comm.allreduce(float(np.max(np.abs(self.y.x.array), initial=0.0)), op=MPI.MAX)
+        kv = self.k.function.x.array
+        kmin = self.comm.allreduce(float(np.min(kv, initial=np.inf)), op=MPI.MIN)
+        kmax = self.comm.allreduce(float(np.max(kv, initial=-np.inf)), op=MPI.MAX)
+        return (f"misfit {self._last_misfit:.3e}, regularization {self._last_regularization:.3e}, "
+                f"max |state| {ymax:.3e}, control {_name(self.k.function, 'control')} in "
+                f"[{kmin:.3e}, {kmax:.3e}]")
+
+    @property
+    def pde_solves(self) -> int:
+        """Forward + adjoint solves + incremental (Gauss-Newton) pairs."""
+        c = self.counters
+        return c["forward"] + c["adjoint"] + c["incremental"]
 
     def misfit_value(self) -> float:
         """``D(y)`` at the last evaluated state."""

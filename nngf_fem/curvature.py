@@ -1,0 +1,164 @@
+"""Gauss-Newton natural gradient: curvature of a PDE-constrained misfit in parameter space.
+
+For ``E(k) = D(y(k)) + R(k)`` the Gauss-Newton metric in coefficient space is
+``A_GN = S'^* D_yy S' + R''`` (``S'`` the linearized control-to-state map). Pulled back
+through the network it gives the Levenberg-Marquardt system (docs/method.md, section 6)
+
+    (J^T A_GN J + lambda J^T A_H J + eps I) d = -b,        b = J^T E'(k),
+
+where ``lambda`` (dimensionless: ``A_GN`` relative to the Hilbert metric ``A_H``) is
+adapted from the ratio of actual to predicted decrease. Each product with
+``J^T A_GN J`` costs one incremental forward and one incremental adjoint solve
+(:meth:`~nngf_fem.pde.PDEConstrainedEnergy.gauss_newton_product`), back-substitutions
+with a factorization at the current state.
+
+:class:`GaussNewtonSubspace` runs preconditioned CG on that system (preconditioner
+``(lambda G_H + eps I)^{-1}`` with ``G_H = J^T A_H J``, which costs no PDE solve) and
+keeps the CG directions ``Z`` with their products. A rejected trial step then needs no
+new PDE solve: the system is re-solved for a larger ``lambda`` in the span of ``Z``
+(the CG solution is the Galerkin solution in that span, so for the CG's own ``lambda``
+both agree).
+"""
+
+from nngf_fem.gram import GramOperator, NystromPreconditioner
+from nngf_fem.mpi import allreduce_sum
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = ["GaussNewtonSubspace", "HilbertGram"]
+
+
+class HilbertGram:
+    """``G_H = J^T A_H J`` as eigenpairs ``U diag(lam) U^T`` (dense, or a Nystrom sketch).
+
+    Dense (exact) for up to ``dense_limit`` parameters: ``J`` is formed column by column
+    from forward-mode products and ``A_H J`` costs one metric product per column (no PDE
+    solve). Larger networks get a rank-``rank`` Nystrom sketch.
+    """
+
+    def __init__(self, metric, lin, dense_limit: int = 400, rank: int = 64):
+        P = lin.field.num_params
+        self.P = P
+        self.exact = P <= dense_limit
+        if self.exact:
+            J = lin.jvp_block(np.eye(P))
+            AJ = np.column_stack([metric.apply(J[:, j]) for j in range(P)]) if P else J
+            G = allreduce_sum(metric.comm, J.T @ AJ)
+            G = 0.5 * (G + G.T)
+            if not np.all(np.isfinite(G)):
+                raise FloatingPointError("the Gram matrix J^T A_H J is not finite")
+            lam, U = np.linalg.eigh(G)
+            self.lam, self.U = np.maximum(lam, 0.0), U
+            self.G = G
+        else:
+            op = GramOperator(metric, lin, 0.0)
+            try:
+                pre = NystromPreconditioner(op, rank)
+            finally:
+                op.destroy()
+            self.U, self.lam, self.G = pre.U, pre.lam, None
+        self.lam_max = float(self.lam.max()) if self.lam.size else 0.0
+        self._metric, self._lin = metric, lin
+
+    def apply(self, v: np.ndarray) -> np.ndarray:
+        """``G_H v`` (exact: dense product; otherwise a metric product through ``J``)."""
+        if self.G is not None:
+            return self.G @ v
+        return self._lin.vjp(self._metric.apply(self._lin.jvp(v)))
+
+    def solve(self, v: np.ndarray, lam: float, eps: float) -> np.ndarray:
+        """``(lam G_H + eps I)^{-1} v`` (exact when dense; a Nystrom approximation else)."""
+        Uv = self.U.T @ v
+        inner = self.U @ (Uv / (lam * self.lam + eps))
+        if self.exact:
+            return inner
+        tail = lam * (self.lam.min() if self.lam.size else 0.0) + eps
+        return inner + (v - self.U @ Uv) / tail
+
+
+class GaussNewtonSubspace:
+    """Preconditioned CG for the Levenberg-Marquardt Gauss-Newton system, with memory.
+
+    Args:
+        gn_apply: ``v -> J^T A_GN J v`` (replicated parameter vectors; PDE solves).
+        hgram: the :class:`HilbertGram` of this point.
+        b: derivative ``J^T E'`` (replicated).
+    """
+
+    def __init__(self, gn_apply, hgram: HilbertGram, b: np.ndarray):
+        self.gn_apply, self.hgram, self.b = gn_apply, hgram, b
+        self.Z = np.zeros((b.size, 0))
+        self.GZ = np.zeros((b.size, 0))
+        self.HZ = np.zeros((b.size, 0))
+        self.products = 0
+
+    def rayleigh(self, v: np.ndarray) -> tuple[float, np.ndarray]:
+        """``v^T G_GN v / v^T G_H v`` and ``G_GN v`` (one product, kept in the subspace)."""
+        Gv = self.gn_apply(v)
+        Hv = self.hgram.apply(v)
+        self.products += 1
+        self._add(v, Gv, Hv)
+        return float(v @ Gv) / max(float(v @ Hv), 1e-300), Gv
+
+    def _add(self, p: np.ndarray, Gp: np.ndarray, Hp: np.ndarray) -> None:
+        self.Z = np.column_stack([self.Z, p])
+        self.GZ = np.column_stack([self.GZ, Gp])
+        self.HZ = np.column_stack([self.HZ, Hp])
+
+    def cg(self, lam: float, eps: float, rtol: float, max_it: int) -> dict[str, Any]:
+        """PCG on ``(G_GN + lam G_H + eps I) d = -b``; directions are kept.
+
+        Stops when the preconditioned residual drops below ``rtol`` times its initial
+        value, after ``max_it`` products, or on non-positive curvature.
+        """
+        b = self.b
+        x = np.zeros_like(b)
+        r = -b.copy()
+        z = self.hgram.solve(r, lam, eps)
+        rz = float(r @ z)
+        rz0 = rz
+        p = z.copy()
+        its, reason = 0, "max_it"
+        if rz0 <= 0:
+            return {"iterations": 0, "reason": "zero_rhs"}
+        while its < max_it:
+            Gp = self.gn_apply(p)
+            Hp = self.hgram.apply(p)
+            self.products += 1
+            its += 1
+            Ap = Gp + lam * Hp + eps * p
+            pAp = float(p @ Ap)
+            if not math.isfinite(pAp):
+                raise FloatingPointError("non-finite Gauss-Newton product")
+            self._add(p, Gp, Hp)
+            if pAp <= 0:
+                reason = "negative_curvature"
+                break
+            alpha = rz / pAp
+            x += alpha * p
+            r -= alpha * Ap
+            z = self.hgram.solve(r, lam, eps)
+            rz_new = float(r @ z)
+            if rz_new <= rtol**2 * rz0:
+                reason = "rtol"
+                break
+            p = z + (rz_new / rz) * p
+            rz = rz_new
+        return {"iterations": its, "reason": reason}
+
+    def solve(self, lam: float, eps: float) -> tuple[np.ndarray, float]:
+        """Galerkin solution in the kept span for damping ``lam``: ``(d, d^T G_GN d)``."""
+        Z = self.Z
+        A = Z.T @ self.GZ
+        A = 0.5 * (A + A.T) + lam * 0.5 * (Z.T @ self.HZ + self.HZ.T @ Z) + eps * (Z.T @ Z)
+        rhs = -(Z.T @ self.b)
+        w, V = np.linalg.eigh(A)
+        keep = w > 1e-12 * max(w.max(initial=0.0), 1e-300)
+        c = V[:, keep] @ ((V[:, keep].T @ rhs) / w[keep])
+        d = Z @ c
+        gz = Z.T @ self.GZ
+        dGd = float(c @ (0.5 * (gz + gz.T)) @ c)
+        return d, dGd
