@@ -162,3 +162,4 @@ class GaussNewtonSubspace:
         gz = Z.T @ self.GZ
         dGd = float(c @ (0.5 * (gz + gz.T)) @ c)
         return d, dGd
+

@@ -50,7 +50,7 @@ from mpi4py import MPI
 __all__ = ["NaturalGradientFlow", "FlowResult", "CURVATURES"]
 
 #: step methods of :class:`NaturalGradientFlow`
-CURVATURES = ("auto", "gauss-newton", "none")
+CURVATURES = ("auto", "gauss-newton", "lbfgs", "none")
 
 #: failures of a trial evaluation or of a direction that reject a step (raised on all ranks)
 _TRIAL_ERRORS = (FloatingPointError, SolverError, np.linalg.LinAlgError)
@@ -176,7 +176,7 @@ class NaturalGradientFlow:
         has_gn = callable(getattr(energy, "gauss_newton_product", None))
         if curvature == "auto":
             curvature = "gauss-newton" if has_gn else "none"
-        if curvature == "gauss-newton" and not has_gn:
+        if curvature in ("gauss-newton", "lbfgs") and not has_gn:
             raise ValueError(f"curvature='gauss-newton' needs an energy with a Gauss-Newton "
                              f"product (e.g. PDEConstrainedEnergy); {type(energy).__name__} "
                              "has none")
@@ -224,6 +224,8 @@ class NaturalGradientFlow:
         self.lam: float | None = None  # Levenberg-Marquardt parameter (Gauss-Newton)
         self._b0norm: float | None = None
         self._tau_next: float | None = None  # first trial of the next first-order step
+        self._lbfgs: dict[str, Any] = {"theta": None, "b": None, "pairs": []}
+        self.lbfgs_memory = 10
         self.history: list[dict[str, Any]] = []
         #: expansion records (see :mod:`nngf_fem.expansion`) and the last one's iteration
         self.expansions: list[dict[str, Any]] = []
@@ -313,6 +315,7 @@ class NaturalGradientFlow:
         return {"g": g, "r": g + Jd, "alignment": info["alignment"], "info": info}
 
     def _gn_apply(self, lin) -> Callable[[np.ndarray], np.ndarray]:
+        """``v -> J^T A_GN J v`` (one incremental forward + adjoint solve pair)."""
         n_val = self.field.local_size
 
         def apply(v: np.ndarray) -> np.ndarray:
@@ -352,6 +355,8 @@ class NaturalGradientFlow:
             rec.update(self._rejected(theta0, E0, failure))
         elif self.curvature == "gauss-newton":
             rec.update(self._gauss_newton_step(theta0, E0, info))
+        elif self.curvature == "lbfgs":
+            rec.update(self._lbfgs_step(theta0, E0, info))
         else:
             rec.update(self._first_order_step(theta0, E0, info))
         if info is not None:
@@ -452,6 +457,73 @@ class NaturalGradientFlow:
         return {"energy": E1, "step": tau if accepted else 0.0, "eps": eps_used, "rho": rho,
                 "accepted": accepted, "backtracks": n_bt, "bd": bd, "t_pde": t_ls}
 
+    def _lbfgs_step(self, theta0, E0, info) -> dict[str, Any]:
+        """L-BFGS in parameter space with the natural gradient as initial inverse Hessian.
+
+        ``H_0 = gamma (J^T A_H J + delta I)^{-1}`` (the network analogue of function-space
+        L-BFGS with the Riesz map as initial Hessian); the memory is kept across steps
+        and cleared at an expansion.
+        """
+        b, lin = info["b"], info["lin"]
+        t0 = time.perf_counter()
+        hg = HilbertGram(self.metric, lin)
+        delta = self.parameter_damping * max(hg.lam_max, 1e-300)
+        mem = self._lbfgs
+        if mem["theta"] is not None and mem["theta"].shape == theta0.shape:
+            s_k, y_k = theta0 - mem["theta"], b - mem["b"]
+            if float(s_k @ y_k) > 1e-12 * float(np.linalg.norm(s_k) * np.linalg.norm(y_k)):
+                mem["pairs"] = [*mem["pairs"][-(self.lbfgs_memory - 1):], (s_k, y_k)]
+        mem["theta"], mem["b"] = theta0.copy(), b.copy()
+        q = b.copy()
+        alphas = []
+        for s_k, y_k in reversed(mem["pairs"]):
+            a_k = float(s_k @ q) / float(y_k @ s_k)
+            alphas.append(a_k)
+            q -= a_k * y_k
+        if mem["pairs"]:
+            s_k, y_k = mem["pairs"][-1]
+            h0y = hg.solve(y_k, 1.0, delta)
+            gamma = float(s_k @ y_k) / max(float(y_k @ h0y), 1e-300)
+        else:
+            gamma = None
+        r = hg.solve(q, 1.0, delta) * (1.0 if gamma is None else gamma)
+        for (s_k, y_k), a_k in zip(mem["pairs"], reversed(alphas), strict=True):
+            beta_k = float(y_k @ r) / float(y_k @ s_k)
+            r += (a_k - beta_k) * s_k
+        d = -r
+        bd = float(b @ d)
+        if not (bd < 0 and np.all(np.isfinite(d))):  # not a descent direction: restart
+            mem["pairs"] = []
+            d = -hg.solve(b, 1.0, delta)
+            bd, gamma = float(b @ d), None
+        if gamma is None:  # no curvature pair yet: Gauss-Newton curvature along d
+            curv = float(d @ self._gn_apply(lin)(d))
+            tau = -bd / curv if curv > 0 else 1.0
+        else:
+            tau = 1.0
+        accepted, E1, n_bt = False, E0, 0
+        for n_bt in range(self.max_backtracks + 1):  # noqa: B007
+            E1 = self._trial(theta0 + tau * d)
+            if math.isfinite(E1) and E1 <= E0 + self.armijo * tau * bd and E1 < E0:
+                accepted = True
+                break
+            if math.isfinite(E1) and E1 > E0 + bd * tau:
+                tq = -bd * tau**2 / (2.0 * (E1 - E0 - bd * tau))
+                tau = min(max(tq, 0.1 * tau), self.backtrack * tau)
+            else:
+                tau *= 0.1
+        t_ls = time.perf_counter() - t0
+        if accepted:
+            self._energy = E1
+        else:
+            self.field.set_parameters(theta0)
+            self._energy = E1 = E0
+            mem["pairs"] = []
+            self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
+        return {"energy": E1, "step": tau if accepted else 0.0, "eps": self.eps,
+                "rho": math.nan, "accepted": accepted, "backtracks": n_bt, "bd": bd,
+                "lbfgs_pairs": len(mem["pairs"]), "t_pde": t_ls}
+
     def _gauss_newton_step(self, theta0, E0, info) -> dict[str, Any]:
         b, lin = info["b"], info["lin"]
         t0 = time.perf_counter()
@@ -542,6 +614,7 @@ class NaturalGradientFlow:
         change = self.comm.allreduce(change, op=MPI.MAX)
         self._energy = None
         self._tau_next = None
+        self._lbfgs = {"theta": None, "b": None, "pairs": []}
         self.eps = max(self.eps, self.eps_min)
         E = self.energy.value()
         rec = {"iteration": self.iteration, "kind": kind, "layer": layer,
