@@ -261,3 +261,16 @@ def test_flow_refuses_degenerate_settings():
         flow.run(2, checkpoint="x.pt", checkpoint_every=0)
     flow.destroy()
     energy.destroy()
+
+
+def test_taylor_test_reads_rate_two_after_training_at_the_default_step():
+    k, energy = darcy(width=4, points=True)
+    flow = nf.NaturalGradientFlow(energy, nf.H1(k, alpha=1.0, beta=0.01))
+    flow.run(6)
+    res = nf.taylor_test(energy)
+    assert res.min_rate >= 1.9, res
+    assert res.rates.size == 4 and res.all_rates.size == 10
+    plain = nf.taylor_test(energy, extra=0)
+    assert plain.rates.size == 4
+    flow.destroy()
+    energy.destroy()
