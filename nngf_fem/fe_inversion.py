@@ -31,7 +31,7 @@ from nngf_fem.errors import SolverError
 from nngf_fem.flow import FlowResult
 from nngf_fem.metrics import RIESZ_DEFAULTS
 from nngf_fem.mpi import raise_on_any
-from nngf_fem.pde import LU_DEFAULTS, PDEConstrainedEnergy, coordinate_noise
+from nngf_fem.pde import PDEConstrainedEnergy, coordinate_noise
 from nngf_fem.solvers import KrylovSolver, ksp_reason_name, set_options
 from nngf_fem.taylor import TaylorResult
 
@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 import ufl
-from dolfinx import fem, la
+from dolfinx import fem
 from dolfinx import mesh as dmesh
-from dolfinx.fem.petsc import assemble_matrix, assemble_vector, create_vector, set_bc
+from dolfinx.fem.petsc import assemble_matrix
 from mpi4py import MPI
 from petsc4py import PETSc
 
@@ -548,31 +548,40 @@ class _RieszPC:
 class GaussNewtonCG:
     """Inexact Gauss-Newton-CG on an :class:`FEControl` of a PDE-constrained energy.
 
-    With ``k = T(m)``, ``J = dy/dk`` and the misfit Hessian ``D_yy``, the Gauss-Newton
-    Hessian is ``H_GN = T'(m) (J^* D_yy J + R''(k)) T'(m)`` (second derivatives of the
+    With ``k = T(m)``, ``S' = dy/dk`` and the misfit Hessian ``D_yy``, the Gauss-Newton
+    Hessian is ``H_GN = T'(m) (S'^* D_yy S' + R''(k)) T'(m)`` (second derivatives of the
     state equation and of ``T`` are dropped, so ``H_GN`` is positive semi-definite). A
-    product ``H_GN dm`` takes one incremental forward solve
-    ``(dF/dy) dy = -dF/dk[T'(m) dm]`` and one incremental adjoint solve
-    ``(dF/dy)^* dp = -D_yy dy`` (homogeneous Dirichlet conditions), then
-    ``T'(m) (dF/dk)^*[dp] + T'(m) R''(k)[T'(m) dm]``. Each outer step solves
-    ``H_GN d = -dE/dm`` by CG preconditioned with the Riesz map ``A_H^{-1}``
-    (``alpha M + beta K``) to the Eisenstat-Walker tolerance
+    product ``H_GN dm`` is the energy's public Gauss-Newton product
+    (:meth:`~nngf_fem.pde.PDEConstrainedEnergy.gauss_newton_product`) of the direction
+    ``dk = T'(m) dm``, scaled by ``T'(m)``: one incremental forward solve
+    ``(dF/dy) dy = -dF/dk[dk]`` and one incremental adjoint solve
+    ``(dF/dy)^* dp = -D_yy dy`` (homogeneous Dirichlet conditions; misfit forms and
+    point observations), both with the energy's factorization of ``dF/dy`` at the
+    current state (for linear problems the forward LU: back-substitutions only). Each
+    outer step solves ``H_GN d = -dE/dm`` by CG preconditioned with the Riesz map
+    ``A_H^{-1}`` (``alpha M + beta K``) to the Eisenstat-Walker tolerance
     ``min(eta_max, sqrt(||g||/||g_0||))`` in the dual norm, then backtracks on ``E``
-    (Armijo). Incremental solves are counted in ``energy.counters`` as
-    ``incremental_forward`` / ``incremental_adjoint``.
+    (Armijo).
+
+    Counters (``energy.counters``): ``incremental`` counts Gauss-Newton products (one
+    incremental forward + adjoint pair each, as ``energy.pde_solves`` counts them);
+    ``incremental_forward`` / ``incremental_adjoint`` count the two solves of each
+    pair separately, and the records' ``pde_solves`` (forward + adjoint + both
+    incremental solves) counts every linear solve; ``factorizations`` and
+    ``back_substitutions`` are the energy's.
 
     Args:
         energy: a :class:`~nngf_fem.pde.PDEConstrainedEnergy` whose control is an
-            :class:`FEControl` (misfit forms only: no point observations).
+            :class:`FEControl`.
         alpha: mass weight of the metric.
         beta: stiffness weight of the metric.
         metric: optional assembled SPD matrix instead of ``alpha M + beta K``.
         petsc_options_prefix: prefix; the CG solver reads ``prefix`` (default
-            ``ksp_type=cg``, ``ksp_max_it=50``), the Riesz map ``prefix + "riesz_"``, the
-            incremental solves ``prefix + "forward_"`` / ``prefix + "adjoint_"`` (LU).
+            ``ksp_type=cg``, ``ksp_max_it=50``), the Riesz map ``prefix + "riesz_"``.
+            The incremental solves use the energy's forward/adjoint solvers (its
+            ``petsc_options``).
         petsc_options: options of the CG solver.
         riesz_options: options of the Riesz KSP (override CG + GAMG, rtol 1e-12).
-        pde_options: options of the incremental forward/adjoint KSPs (default MUMPS LU).
         eta_max: largest relative CG tolerance.
         armijo: sufficient-decrease constant.
         backtrack: step reduction factor.
@@ -582,14 +591,11 @@ class GaussNewtonCG:
     def __init__(self, energy: PDEConstrainedEnergy, *, alpha: float = 1.0, beta: float = 1.0,
                  metric: PETSc.Mat | None = None, petsc_options_prefix: str = "nngf_gncg_",
                  petsc_options: Mapping[str, Any] | None = None,
-                 riesz_options: Mapping[str, Any] | None = None,
-                 pde_options: Mapping[str, Any] | None = None, eta_max: float = 0.5,
+                 riesz_options: Mapping[str, Any] | None = None, eta_max: float = 0.5,
                  armijo: float = 1e-4, backtrack: float = 0.5, max_backtracks: int = 20):
         control = _check_energy(energy)
         if not isinstance(energy, PDEConstrainedEnergy):
             raise TypeError(f"energy must be a PDEConstrainedEnergy, got {type(energy).__name__}")
-        if energy.observations is not None:
-            raise ValueError("GaussNewtonCG supports misfit forms only (no point observations)")
         if not 0 < eta_max < 1:
             raise ValueError(f"eta_max must be in (0, 1), got {eta_max!r}")
         if not (0 < armijo < 1 and 0 < backtrack < 1):
@@ -611,40 +617,6 @@ class GaussNewtonCG:
                          f"metric has local size {metric.getLocalSize()}, the control "
                          f"({n}, {n})")
             self.A, self._own_A = metric, False
-        # Gauss-Newton forms
-        F, y, k = energy.F, energy.y, control.ufl
-        V = y.function_space
-        (v,) = F.arguments()
-        self.yhat = fem.Function(V, name="incremental_state")
-        self.phat = fem.Function(V, name="incremental_adjoint")
-        self.khat = fem.Function(control.space, name="direction")
-        Jy = ufl.derivative(F, y, ufl.TrialFunction(V))
-        self._Jy, self._JyT = fem.form(Jy), fem.form(ufl.adjoint(Jy))
-        self._rhs_fwd = fem.form(-ufl.derivative(F, k, self.khat))
-        w = ufl.TestFunction(V)
-        try:
-            self._rhs_adj = fem.form(-ufl.derivative(ufl.derivative(energy.misfit, y, w), y,
-                                                     self.yhat))
-        except Exception as err:  # noqa: BLE001 - re-raised with context
-            raise ValueError(f"the misfit has no second derivative in the state: {err}") from err
-        wk = ufl.TestFunction(control.space)
-        Hk = ufl.derivative(ufl.replace(F, {v: self.phat}), k, wk)
-        if isinstance(energy.regularization, ufl.Form):
-            Hk = Hk + ufl.derivative(ufl.derivative(energy.regularization, k, wk), k, self.khat)
-        self._Hk = fem.form(Hk)
-        self._hvec = la.vector(control.space.dofmap.index_map, control.space.dofmap.index_map_bs)
-        # PETSc objects
-        bcs = energy.bcs
-        self._Aop = assemble_matrix(self._Jy, bcs=bcs)
-        self._Aop.assemble()
-        self._AopT = assemble_matrix(self._JyT, bcs=bcs)
-        self._AopT.assemble()
-        self._b = create_vector(V)
-        pde_opts = dict(pde_options or {})
-        self._fwd = KrylovSolver(self._Aop, petsc_options_prefix=self.prefix + "forward_",
-                                 petsc_options=pde_opts, defaults=LU_DEFAULTS)
-        self._adj = KrylovSolver(self._AopT, petsc_options_prefix=self.prefix + "adjoint_",
-                                 petsc_options=pde_opts, defaults=LU_DEFAULTS)
         self._riesz = KrylovSolver(self.A, petsc_options_prefix=self.prefix + "riesz_",
                                    petsc_options={**RIESZ_DEFAULTS, **dict(riesz_options or {})})
         self._H = PETSc.Mat().createPython(((n, N), (n, N)), _Hessian(self), comm=self.comm)
@@ -659,7 +631,7 @@ class GaussNewtonCG:
                                             **dict(petsc_options or {})})
         self._rhs, self._d = self._H.createVecRight(), self._H.createVecRight()
         self._gv, self._rv = self._H.createVecRight(), self._H.createVecRight()
-        for key in ("incremental_forward", "incremental_adjoint"):
+        for key in ("incremental", "incremental_forward", "incremental_adjoint"):
             energy.counters.setdefault(key, 0)
         self.history: list[dict[str, Any]] = []
         self.iteration = 0
@@ -667,36 +639,21 @@ class GaussNewtonCG:
 
     # -------------------------------------------------------------- pieces
     def update_operators(self) -> None:
-        """Assemble ``dF/dy`` and its adjoint at the current state (after a forward solve)."""
-        self.energy.solve_forward()
-        for mat, form, solver in ((self._Aop, self._Jy, self._fwd),
-                                  (self._AopT, self._JyT, self._adj)):
-            mat.zeroEntries()
-            assemble_matrix(mat, form, bcs=self.energy.bcs)
-            mat.assemble()
-            solver.ksp.setOperators(mat)
+        """Solve the state at the current control (the incremental solves linearize there).
 
-    def _solve(self, form, solver: KrylovSolver, out: fem.Function) -> None:
-        with self._b.localForm() as loc:
-            loc.set(0.0)
-        assemble_vector(self._b, form)
-        self._b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
-        set_bc(self._b, self.energy.bcs, alpha=0.0)
-        solver.solve(self._b, out.x.petsc_vec)
-        out.x.scatter_forward()
+        The energy assembles and factorizes ``dF/dy`` itself when a Gauss-Newton product
+        first needs it at a new state (nothing to do for linear problems solved by LU:
+        the forward factorization is reused).
+        """
+        self.energy.solve_forward()
 
     def hessian_action(self, dm: np.ndarray) -> np.ndarray:
-        """``H_GN dm`` on the owned entries (two PDE solves; call :meth:`update_operators`)."""
+        """``H_GN dm`` on the owned entries (one incremental forward + adjoint pair)."""
         dT = self.control.transform_derivative()
-        self.control.write(dT * dm, self.khat)
-        self._solve(self._rhs_fwd, self._fwd, self.yhat)
+        Hdk = self.energy.gauss_newton_product(dT * np.asarray(dm, dtype=np.float64))
         self.energy.counters["incremental_forward"] += 1
-        self._solve(self._rhs_adj, self._adj, self.phat)
         self.energy.counters["incremental_adjoint"] += 1
-        self._hvec.array[:] = 0.0
-        fem.assemble_vector(self._hvec.array, self._Hk)
-        self._hvec.scatter_reverse(la.InsertMode.add)
-        return dT * self._hvec.array[self.control.owned_rows()]
+        return dT * Hdk
 
     def _dual_norm(self, g: np.ndarray) -> float:
         self._gv.array[:] = g
@@ -794,11 +751,9 @@ class GaussNewtonCG:
         return FlowResult(self.converged, self.reason, self.iteration, E, self.history)
 
     def destroy(self) -> None:
-        """Destroy the PETSc objects (KSPs, matrices, vectors; the metric if owned)."""
-        for s in (self._fwd, self._adj, self._riesz):
-            s.destroy()
-        for obj in (self.ksp, self._H, self._Aop, self._AopT, self._b, self._rhs, self._d,
-                    self._gv, self._rv):
+        """Destroy the PETSc objects (CG and Riesz KSPs, vectors; the metric if owned)."""
+        self._riesz.destroy()
+        for obj in (self.ksp, self._H, self._rhs, self._d, self._gv, self._rv):
             if obj is not None:
                 obj.destroy()
         if self._own_A and self.A is not None:
