@@ -43,7 +43,7 @@ rows = []
 for n in map(int, args.sizes.split(",")):
     prob = darcy(comm, n, width=args.width)
     energy, k = prob.energy, prob.k
-    flow = nf.NaturalGradientFlow(energy, prob.metric, eps=1e-4, max_step=1e4,
+    flow = nf.NaturalGradientFlow(energy, prob.metric, curvature="none", eps=1e-4, max_step=1e4,
                                   petsc_options_prefix=f"b4_{n}_")
     flow.run(args.warmup)
     steps = []

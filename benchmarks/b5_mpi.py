@@ -42,7 +42,8 @@ if args.quick:
 def worker(path: str) -> None:
     comm = MPI.COMM_WORLD
     prob = darcy(comm, args.n, width=args.width)
-    flow = nf.NaturalGradientFlow(prob.energy, prob.metric, eps=1e-4, max_step=1e4,
+    flow = nf.NaturalGradientFlow(prob.energy, prob.metric, curvature="none", eps=1e-4,
+                                  max_step=1e4,
                                   petsc_options={"ksp_rtol": 1e-12})
     flow.run(args.warmup)
     times, parts = [], {"t_pde": [], "t_riesz": [], "t_ng": [], "t_network": []}
