@@ -1,4 +1,4 @@
-"""Residual-driven, function-preserving network expansion (METHOD.md section 4).
+"""Residual-driven, function-preserving network expansion (docs/method.md, section 4).
 
 When the tangent space ``T`` of the network cannot follow the Hilbert gradient ``g``
 (alignment ``||P_T g||_H / ||g||_H`` low), neurons are added to a hidden layer with

@@ -1,4 +1,4 @@
-"""PDE-constrained reduced energies from the user's own UFL forms (METHOD.md section 1.3).
+"""PDE-constrained reduced energies from the user's own UFL forms (docs/method.md, section 1.3).
 
 The state ``y(k)`` solves ``F(y, k; v) = 0`` for all test functions ``v`` (any UFL
 residual: linear or nonlinear, scalar or vector, with Dirichlet conditions); the
