@@ -220,6 +220,8 @@ def write_fields(path: str | os.PathLike, functions: Sequence[fem.Function],
     def precheck() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path)
+        _remove(tmp)  # ours (this PID): left by an earlier failed write of this process
+        _remove(h5_tmp)
         if engine == "vtx":
             if path.exists() and not _is_vtx_folder(path):
                 raise FileExistsError(f"{path} exists and is not a VTX (ADIOS2 .bp) folder; "
