@@ -17,7 +17,7 @@ Row layout of a parametric linearization: the values of sample 1, ..., sample S,
 """
 
 from nngf_fem.energies import EnergyFunctional, RegressionEnergy
-from nngf_fem.field import JACOBIAN_CACHE_MB, Linearization, NeuralField
+from nngf_fem.field import JACOBIAN_CACHE_MB, Linearization, NeuralField, is_constant_initial
 from nngf_fem.metrics import H1, Metric
 from nngf_fem.mpi import raise_on_any
 
@@ -39,14 +39,31 @@ class ParametricField:
         module: float64 torch module mapping ``(n, gdim + n_mu)`` to ``(n, m)``.
         mus: ``(S, n_mu)`` parameter samples (identical on all ranks).
         name: base name of the sample Functions (``name_0`` ...).
+        initial: initial guess, as for :class:`NeuralField` but constant only: a number
+            (or one per component; every sample starts at it: zero output weights, output
+            bias ``T^{-1}(k0)``), ``"module"`` or None (the default start of
+            :class:`NeuralField`: ``u = 1`` for ``transform="exp"``).
         **kwargs: passed to every :class:`NeuralField` (``transform``, ``element``,
-            ``representation``, ``quadrature_degree``, ``factor``, ``lift``).
+            ``representation``, ``quadrature_degree``, ``factor``, ``lift``,
+            ``inverse_transform``).
+
+    The module's parameters and buffers are copied from rank 0 when the field is created
+    (:meth:`broadcast_parameters`).
+
+    Raises:
+        NotImplementedError: for a non-constant ``initial`` (a callable or a Function).
     """
 
     def __init__(self, domain: dmesh.Mesh | fem.FunctionSpace, module: torch.nn.Module,
-                 mus: Sequence[Sequence[float]] | np.ndarray, *, name: str = "u", **kwargs):
+                 mus: Sequence[Sequence[float]] | np.ndarray, *, name: str = "u",
+                 initial: object = None, **kwargs):
         if "mu" in kwargs:
             raise TypeError("give the parameter samples as mus=(S, n_mu), not mu=")
+        if not (initial is None or isinstance(initial, str) or is_constant_initial(initial)):
+            raise NotImplementedError(
+                "a ParametricField accepts a constant initial guess only (a number or one "
+                f"per component), got {type(initial).__name__}; a non-constant start of "
+                "u(x; mu) is not supported")
         mus = np.asarray(mus, dtype=np.float64)
         if mus.ndim == 1:
             mus = mus[:, None]
@@ -57,11 +74,14 @@ class ParametricField:
         ref = comm.bcast(mus, root=0)
         raise_on_any(comm, ref.shape != mus.shape or not np.array_equal(ref, mus),
                      "mus differs between MPI ranks (pass the same samples on every rank)")
-        first = NeuralField(domain, module, mu=mus[0], name=f"{name}_0", **kwargs)
+        first = NeuralField(domain, module, mu=mus[0], name=f"{name}_0", initial=initial,
+                            **kwargs)
         space = first.space if first.representation == "fe" else first.mesh
-        self.samples: list[NeuralField] = [first] + [
-            NeuralField(space, module, mu=mu, name=f"{name}_{i}", **kwargs)
+        self.samples: list[NeuralField] = [first] + [  # share the module as first set it up
+            NeuralField(space, module, mu=mu, name=f"{name}_{i}", initial="module", **kwargs)
             for i, mu in enumerate(mus[1:], start=1)]
+        for s in self.samples[1:]:  # a constant offset (output layer without bias)
+            s._copy_offset(first)
         self.mus = mus
         self._module = module
         self.comm = first.comm
@@ -113,7 +133,22 @@ class ParametricField:
         """Number of network parameters P."""
         return sum(p.numel() for p in self.module.parameters())
 
+    @property
+    def initial_kind(self) -> str:
+        """How the field started (see :attr:`NeuralField.initial_kind`)."""
+        return self.samples[0].initial_kind
+
     # --------------------------------------------------------- parameters
+    def broadcast_parameters(self, root: int = 0, update: bool = True) -> float:
+        """Copy the module's parameters and buffers from rank ``root`` (collective).
+
+        See :meth:`NeuralField.broadcast_parameters`; refreshes every sample.
+        """
+        diff = self.samples[0].broadcast_parameters(root, update=False)
+        if update:
+            self.update()
+        return diff
+
     def get_parameters(self) -> np.ndarray:
         """Flat copy of the parameters."""
         return self.samples[0].get_parameters()
@@ -143,9 +178,10 @@ class ParametricField:
             raise ValueError("a parametric field evaluates on its own stacked points only")
         return torch.cat([x, self._mu_rows], dim=1)
 
-    def post(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Output transform, factor and lift (identical for all samples)."""
-        return self.samples[0].post(y, x)
+    def post(self, y: torch.Tensor, x: torch.Tensor,
+             offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Offset, output transform, factor and lift (identical for all samples)."""
+        return self.samples[0].post(y, x, offset)
 
     def evaluate(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Values ``(S * n, m)`` at the stacked points, one batched network call."""
