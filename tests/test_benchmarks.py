@@ -14,12 +14,15 @@ from mpi4py import MPI
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = sorted(p.name for p in BENCH.glob("b[0-9]_*.py"))
+#: extra quick runs of a script's other modes: (script, extra arguments)
+MODES = [("b3_darcy.py", ["--mesh-study"])]
 
 
-@pytest.mark.parametrize("name", [s for s in SCRIPTS if s != "b5_mpi.py"])
-def test_benchmark_quick_run_writes_json(name, tempdir, monkeypatch):
-    out = tempdir / f"{name}.json"
-    args = [name, "--out", str(out)]
+@pytest.mark.parametrize("name,extra", [(s, []) for s in SCRIPTS if s != "b5_mpi.py"] + MODES,
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_benchmark_quick_run_writes_json(name, extra, tempdir, monkeypatch):
+    out = tempdir / f"{name}{''.join(extra)}.json"
+    args = [name, "--out", str(out), *extra]
     if name != "b6_network_size.py":
         args.append("--quick")
     else:
