@@ -32,9 +32,12 @@ bench: setup
 	$(PY) benchmarks/b1_regression.py
 	$(PY) benchmarks/b2_ritz.py
 	$(PY) benchmarks/b3_darcy.py
+	$(PY) benchmarks/b3_darcy.py --mesh-study
 	$(PY) benchmarks/b4_cost_split.py
 	$(PY) benchmarks/b5_mpi.py
 	$(PY) benchmarks/b6_network_size.py --repeats 3
+	$(PY) benchmarks/b7_robust.py
+	$(PY) benchmarks/b8_elasticity.py
 
 lint: setup
 	$(VENV)/bin/ruff check nngf_fem tests demos examples benchmarks
