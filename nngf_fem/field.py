@@ -365,8 +365,9 @@ class NeuralField:
             k0 = np.asarray(initial, dtype=np.float64).reshape(-1)
             if k0.size == 1:
                 k0 = np.full(m, k0[0])
+            want = "1 value" if m == 1 else f"1 or {m} values (one per component)"
             raise_on_any(comm, k0.shape != (m,),
-                         f"a constant initial guess needs 1 or {m} values, got {k0.size}")
+                         f"a constant initial guess needs {want}, got {k0.size}")
             ref = comm.bcast(k0, root=0)
             raise_on_any(comm, not np.array_equal(ref, k0, equal_nan=True),
                          "initial differs between MPI ranks (pass the same value on every rank)")
