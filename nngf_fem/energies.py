@@ -70,6 +70,12 @@ class FunctionalEnergy(EnergyFunctional):
 
     def __init__(self, field: NeuralField, functional: ufl.Form):
         super().__init__(field)
+        if not isinstance(functional, ufl.Form):
+            raise TypeError("functional must be a UFL form, an integral such as "
+                            f"0.5 * u.ufl**2 * ufl.dx; got {type(functional).__name__}")
+        if functional.arguments():
+            raise ValueError(f"functional must be a scalar (rank-0) form; it has "
+                             f"{len(functional.arguments())} Test/TrialFunction argument(s)")
         if field.function not in ufl.algorithms.extract_coefficients(functional):
             raise ValueError("the energy functional does not contain the field (field.ufl)")
         self.functional = functional
@@ -150,6 +156,10 @@ class RitzEnergy(FunctionalEnergy):
     """
 
     def __init__(self, field: NeuralField, a: Callable, l: Callable):  # noqa: E741
+        for name, fn, sig in (("a", a, "(u, v) -> form"), ("l", l, "v -> form")):
+            if not callable(fn):
+                raise TypeError(f"RitzEnergy: {name} must be a callable {sig}, got "
+                                f"{type(fn).__name__}")
         u = field.ufl
         super().__init__(field, 0.5 * a(u, u) - l(u))
 

@@ -192,3 +192,20 @@ def test_paths_resolve_against_the_config_folder(tempdir, monkeypatch):
     with pytest.raises(ValueError, match=r"observe-tag = 7 is not a cell tag of the mesh; "
                                          r"available cell tags: \[1, 2\]"):
         cli.main(["run", str(bad)])
+
+
+def test_named_model_resume_continues_the_count(tempdir):
+    import torch
+
+    def config(iterations, name):
+        return write(tempdir, f'[problem]\nmodel = "darcy"\n[mesh]\nn = 6\n[network]\nwidth = 3\n'
+                     f'[flow]\niterations = {iterations}\ntol = 10.0\n[output]\nfolder = '
+                     f'"{tempdir / "d"}"\nquiet = true\n', name)
+
+    assert cli.main(["run", str(config(2, "d2.toml"))]) == 0
+    assert cli.main(["run", str(config(4, "d4.toml"))]) == 2  # would overwrite: refused
+    assert cli.main(["run", str(tempdir / "d4.toml"), "--resume"]) == 0
+    data = torch.load(tempdir / "d" / "checkpoint.pt", weights_only=False)
+    assert data["flow"]["iteration"] == 4
+    assert [h["iteration"] for h in data["flow"]["history"] if h.get("kind") is None] == \
+        [0, 1, 2, 3]

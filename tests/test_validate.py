@@ -95,3 +95,17 @@ def test_numpy_arguments_across_the_package():
     with pytest.raises(ValueError, match=r"^lr must be a finite positive real number, got 0"):
         nf.TorchOptimizerFlow(energy, "adam", lr=0)
     metric.destroy()
+
+
+def test_energy_arguments_are_checked():
+    import ufl
+
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    u = nf.NeuralField(msh, nf.MLP(2, width=3), element=("Lagrange", 1))
+    with pytest.raises(TypeError, match="functional must be a UFL form, .* got float"):
+        nf.FunctionalEnergy(u, 1.0)
+    v = ufl.TestFunction(u.space)
+    with pytest.raises(ValueError, match=r"scalar \(rank-0\) form; it has 1 Test/TrialFunct"):
+        nf.FunctionalEnergy(u, u.ufl * v * ufl.dx)
+    with pytest.raises(TypeError, match=r"RitzEnergy: l must be a callable v -> form, got float"):
+        nf.RitzEnergy(u, a=lambda w, z: ufl.inner(ufl.grad(w), ufl.grad(z)) * ufl.dx, l=1.0)
