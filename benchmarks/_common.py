@@ -14,6 +14,7 @@ import os
 import pathlib
 import platform
 import statistics
+import subprocess
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,21 @@ import torch
 from mpi4py import MPI
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def git_state() -> dict[str, Any]:
+    """Commit of the checkout and the tracked files that differ from it (None outside git)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"),
+                "modified": git("diff", "--name-only", "HEAD").splitlines()}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "modified": None}
 
 
 def environment(comm: MPI.Comm = MPI.COMM_WORLD) -> dict[str, Any]:
@@ -39,6 +55,8 @@ def environment(comm: MPI.Comm = MPI.COMM_WORLD) -> dict[str, Any]:
         else os.cpu_count(),
         "ranks": comm.size, "torch_threads": torch.get_num_threads(),
         "dtype": "float64",
+        # the code the numbers came from: commit plus uncommitted changes (by file)
+        "git": git_state() if comm.rank == 0 else None,
     }
 
 
