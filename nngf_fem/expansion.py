@@ -189,7 +189,10 @@ class ExpansionPolicy:
     * the *mean* alignment is below ``threshold`` (a smoothed test: single steps
       oscillate), or
     * the energy decreased by less than the relative amount ``stall`` in total (the
-      network has converged as far as its size allows).
+      network has converged as far as its size allows), or
+    * (``curvature="projected"`` flows) the network represented on average less than
+      half of the function-space Gauss-Newton step: the mean relative fit residual
+      ``|u - (k + dk)|_H / |dk|_H`` exceeds ``fit_threshold``.
 
     Args:
         threshold: mean-alignment threshold.
@@ -202,9 +205,11 @@ class ExpansionPolicy:
         kinds: growth kinds, used in turn: ``"width"`` and/or ``"depth"``.
         stall: relative energy decrease over ``patience`` steps below which the flow
             counts as stalled (0 disables the test).
+        fit_threshold: mean fit residual of projected Gauss-Newton steps above which
+            the network counts as unable to follow (1 disables the test).
     """
 
-    threshold: float = 0.5
+    threshold: float = 0.6
     patience: int = 3
     neurons: int = 2
     layer: int = -1
@@ -212,7 +217,8 @@ class ExpansionPolicy:
     n_candidates: int = 256
     seed: int = 0
     kinds: tuple[str, ...] = ("width",)
-    stall: float = 0.02
+    stall: float = 0.05
+    fit_threshold: float = 0.5
 
     def __post_init__(self):
         for kind in self.kinds:
@@ -224,8 +230,10 @@ class ExpansionPolicy:
             v = getattr(self, name)
             if not isinstance(v, int | np.integer) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not (isinstance(self.stall, int | float | np.floating) and 0 <= self.stall <= 1):
-            raise ValueError(f"stall must be in [0, 1], got {self.stall!r}")
+        for name in ("stall", "fit_threshold"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float | np.integer | np.floating) and 0 <= v <= 1):
+                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
 
     def _window(self, flow: NaturalGradientFlow) -> list[dict]:
         last = flow.last_expansion
@@ -242,9 +250,11 @@ class ExpansionPolicy:
             return False
         align = [h["alignment"] for h in steps if np.isfinite(h.get("alignment", np.nan))]
         low = bool(align) and float(np.mean(align)) < self.threshold
+        fits = [h["fit_residual"] for h in steps if np.isfinite(h.get("fit_residual", np.nan))]
+        unfit = bool(fits) and float(np.mean(fits)) > self.fit_threshold
         E0, E1 = steps[0]["energy_before"], steps[-1]["energy"]
         stalled = self.stall > 0 and (E0 - E1) <= self.stall * max(abs(E0), 1e-300)
-        return low or stalled
+        return low or unfit or stalled
 
     def propose(self, flow: NaturalGradientFlow) -> dict[str, Any]:
         """The next growth: ``kind``, ``layer``, neurons ``(W, beta)`` and diagnostics.

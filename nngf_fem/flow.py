@@ -30,7 +30,12 @@ mimics ``torch.optim.Optimizer``: :meth:`step`, :meth:`state_dict`,
 :meth:`load_state_dict`, plus :meth:`run` with stopping rules and a history.
 """
 
-from nngf_fem.curvature import GaussNewtonSubspace, HilbertGram
+from nngf_fem.curvature import (
+    FunctionSpaceGaussNewton,
+    GaussNewtonSubspace,
+    HilbertGram,
+    fit_network,
+)
 from nngf_fem.energies import EnergyFunctional
 from nngf_fem.errors import FlowDivergedError, SolverError
 from nngf_fem.gram import NaturalGradientSolver
@@ -50,7 +55,11 @@ from mpi4py import MPI
 __all__ = ["NaturalGradientFlow", "FlowResult", "CURVATURES"]
 
 #: step methods of :class:`NaturalGradientFlow`
-CURVATURES = ("auto", "gauss-newton", "lbfgs", "none")
+CURVATURES = ("auto", "gauss-newton", "projected", "lbfgs", "none")
+
+#: largest Levenberg-Marquardt parameter (relative to the Hilbert metric): a flow that
+#: cannot decrease the energy even there is at a stationary point of its network
+LAMBDA_MAX = 1e12
 
 #: failures of a trial evaluation or of a direction that reject a step (raised on all ranks)
 _TRIAL_ERRORS = (FloatingPointError, SolverError, np.linalg.LinAlgError)
@@ -89,9 +98,12 @@ class NaturalGradientFlow:
         energy: the energy (regression, Ritz, PDE-constrained ...).
         metric: metric ``A_H`` on the energy's field (default ``H1(field)``); this is
             both the Gram metric and the metric of the Hilbert gradient.
-        curvature: ``"auto"`` (default: ``"gauss-newton"`` when the energy offers
-            ``gauss_newton_product``, i.e. PDE-constrained energies; ``"none"`` else),
-            ``"gauss-newton"`` or ``"none"`` (the first-order flow).
+        curvature: ``"auto"`` (default: for energies with a ``gauss_newton_product``,
+            i.e. PDE-constrained energies, ``"projected"`` with a FE-representation
+            metric and ``"gauss-newton"`` otherwise; ``"none"`` for other energies),
+            ``"projected"`` (Gauss-Newton in coefficient space, the network fitted onto
+            the step), ``"gauss-newton"`` (Gauss-Newton in the network's tangent space),
+            ``"lbfgs"`` or ``"none"`` (the paper's first-order flow).
         expansion: an :class:`~nngf_fem.expansion.ExpansionPolicy` (or None): grow the
             network when it says so, as a step of the flow.
         method: ``"krylov"`` (matrix-free, default) or ``"dense"`` (reference) for the
@@ -118,6 +130,8 @@ class NaturalGradientFlow:
             of one Gauss-Newton step (default ``min(P, 30)``).
         cg_forcing: largest relative CG tolerance of a Gauss-Newton step; the tolerance
             is ``min(cg_forcing, sqrt(|b| / |b_0|))`` (Eisenstat-Walker).
+        fit_iterations: Gauss-Newton iterations of the network fit of a ``"projected"``
+            step (network evaluations only, no PDE solve).
         parameter_damping: ``delta`` of the Gauss-Newton damping
             ``lambda (J^T A_H J + delta I)``, relative to the largest eigenvalue of
             ``J^T A_H J``: the Euclidean part bounds the parameter step where the
@@ -152,6 +166,7 @@ class NaturalGradientFlow:
         max_cg: int | None = None,
         cg_forcing: float = 0.5,
         parameter_damping: float = 1e-3,
+        fit_iterations: int = 20,
         petsc_options_prefix: str = "nngf_ng_",
         petsc_options: Mapping[str, Any] | None = None,
         raise_on_failure: bool = True,
@@ -175,8 +190,10 @@ class NaturalGradientFlow:
             raise ValueError(f"curvature={curvature!r} is not known; allowed: {CURVATURES}")
         has_gn = callable(getattr(energy, "gauss_newton_product", None))
         if curvature == "auto":
-            curvature = "gauss-newton" if has_gn else "none"
-        if curvature in ("gauss-newton", "lbfgs") and not has_gn:
+            fe_metric = (getattr(energy.field, "representation", "fe") == "fe" if metric is None
+                         else not getattr(metric, "needs_grad", False))
+            curvature = ("projected" if fe_metric else "gauss-newton") if has_gn else "none"
+        if curvature in ("gauss-newton", "projected", "lbfgs") and not has_gn:
             raise ValueError(f"curvature='gauss-newton' needs an energy with a Gauss-Newton "
                              f"product (e.g. PDEConstrainedEnergy); {type(energy).__name__} "
                              "has none")
@@ -217,6 +234,9 @@ class NaturalGradientFlow:
         self.max_backtracks = int(max_backtracks)
         self.max_cg, self.cg_forcing = max_cg, float(cg_forcing)
         self.parameter_damping = _number("parameter_damping", parameter_damping, 0.0)
+        if not isinstance(fit_iterations, int | np.integer) or fit_iterations < 1:
+            raise ValueError(f"fit_iterations must be a positive integer, got {fit_iterations!r}")
+        self.fit_iterations = int(fit_iterations)
         self.compute_alignment = alignment
         self.raise_on_failure = raise_on_failure
         self.iteration = 0
@@ -357,6 +377,8 @@ class NaturalGradientFlow:
             rec.update(self._gauss_newton_step(theta0, E0, info))
         elif self.curvature == "lbfgs":
             rec.update(self._lbfgs_step(theta0, E0, info))
+        elif self.curvature == "projected":
+            rec.update(self._projected_step(theta0, E0, info))
         else:
             rec.update(self._first_order_step(theta0, E0, info))
         if info is not None:
@@ -377,7 +399,8 @@ class NaturalGradientFlow:
                                  + counters.get("incremental", 0))
         self.history.append(rec)
         self.iteration += 1
-        rec["stalled"] = not rec["accepted"] and rec["eps"] >= self.eps_max
+        rec["stalled"] = not rec["accepted"] and (
+            rec["eps"] >= self.eps_max or rec.get("lambda", 0.0) >= LAMBDA_MAX)
         return rec
 
     def _rejected(self, theta0: np.ndarray, E0: float, why: str) -> dict[str, Any]:
@@ -524,6 +547,74 @@ class NaturalGradientFlow:
                 "rho": math.nan, "accepted": accepted, "backtracks": n_bt, "bd": bd,
                 "lbfgs_pairs": len(mem["pairs"]), "t_pde": t_ls}
 
+    def _projected_step(self, theta0, E0, info) -> dict[str, Any]:
+        """Gauss-Newton step in coefficient space, then the network moved onto it.
+
+        The Levenberg-Marquardt step ``dk`` of ``(A_GN + lambda A_H) dk = -e`` (CG with
+        the Riesz map as preconditioner) gives the target ``k + dk`` (``k exp(dk / k)``
+        for positive transforms); the network is fitted to it in the H metric without
+        PDE solves (:func:`~nngf_fem.curvature.fit_network`), and the energy decides.
+        """
+        if self.metric.needs_grad:
+            raise ValueError("curvature='projected' needs a FE-representation metric")
+        e = info["e"]
+        t0 = time.perf_counter()
+        counters = self.energy.counters
+        inc0 = counters.get("incremental", 0)
+        fs = FunctionSpaceGaussNewton(self.energy, self.metric, e)
+        g = self.metric.riesz(e)
+        enorm = math.sqrt(max(self.comm.allreduce(float(e @ g)), 0.0))
+        if self._b0norm is None or self._b0norm == 0.0:
+            self._b0norm = enorm
+        if self.lam is None:  # scale-free start: A_GN against A_H along the gradient
+            Gg, Hg = fs.product(g)
+            self.lam = max(self.comm.allreduce(float(g @ Gg))
+                           / max(self.comm.allreduce(float(g @ Hg)), 1e-300), 1e-12)
+        rtol = min(self.cg_forcing, math.sqrt(enorm / max(self._b0norm, 1e-300)))
+        cg = fs.cg(self.lam, rtol, self.max_cg or 30)
+        k0 = self.field.values()
+        positive = getattr(self.field, "transform_name", "") in ("exp", "softplus")
+        accepted, E1, n_bt, lam_used, rho = False, E0, 0, self.lam, math.nan
+        fit: dict[str, Any] = {}
+        nu = 2.0
+        for n_bt in range(self.max_backtracks + 1):  # noqa: B007
+            lam_used = self.lam
+            dk, pred = fs.solve(self.lam)
+            if pred > 0:
+                with np.errstate(over="ignore"):
+                    target = k0 * np.exp(np.clip(dk / np.where(k0 != 0, k0, 1.0), -50, 50)) \
+                        if positive else k0 + dk
+                self.field.set_parameters(theta0)
+                try:
+                    fit = fit_network(self.field, self.metric, target, 1e-6,
+                                      max_it=self.fit_iterations, rtol=1e-4)
+                    E1 = self._trial(self.field.get_parameters())
+                except _TRIAL_ERRORS:
+                    E1 = math.inf
+                rho = (E0 - E1) / pred if math.isfinite(E1) else -math.inf
+                if self._accept(E1, E0, pred):
+                    accepted = True
+                    break
+            self.lam = min(self.lam * nu, LAMBDA_MAX)
+            nu *= 2.0
+            if lam_used >= LAMBDA_MAX:
+                break
+        t_ls = time.perf_counter() - t0
+        if accepted:
+            self._energy = E1
+            self.lam = min(max(self.lam * max(1.0 / 3.0, 1.0 - (2.0 * min(rho, 1.0) - 1.0) ** 3),
+                               1e-12), LAMBDA_MAX)
+        else:
+            self.field.set_parameters(theta0)
+            self._energy = E1 = E0
+            self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
+        return {"energy": E1, "step": 1.0 if accepted else 0.0, "eps": self.eps, "rho": rho,
+                "accepted": accepted, "backtracks": n_bt, "bd": math.nan, "lambda": lam_used,
+                "cg_its": cg["iterations"], "cg_reason": cg["reason"], "cg_rtol": rtol,
+                "gn_products": counters.get("incremental", 0) - inc0,
+                "fit_residual": fit.get("fit_residual", math.nan),
+                "fit_iterations": fit.get("fit_iterations", 0), "t_pde": t_ls}
+
     def _gauss_newton_step(self, theta0, E0, info) -> dict[str, Any]:
         b, lin = info["b"], info["lin"]
         t0 = time.perf_counter()
@@ -560,14 +651,16 @@ class NaturalGradientFlow:
                 if self._accept(E1, E0, pred):
                     accepted = True
                     break
-            self.lam *= nu
+            self.lam = min(self.lam * nu, LAMBDA_MAX)
             nu *= 2.0
+            if lam_used >= LAMBDA_MAX:
+                break
         t_ls = time.perf_counter() - t0
         if accepted:
             self._energy = E1
             tau = 1.0
-            self.lam = max(self.lam * max(1.0 / 3.0, 1.0 - (2.0 * min(rho, 1.0) - 1.0) ** 3),
-                           1e-12)
+            self.lam = min(max(self.lam * max(1.0 / 3.0, 1.0 - (2.0 * min(rho, 1.0) - 1.0) ** 3),
+                               1e-12), LAMBDA_MAX)
         else:
             self.field.set_parameters(theta0)
             self._energy = E1 = E0
@@ -616,6 +709,7 @@ class NaturalGradientFlow:
         self._tau_next = None
         self._lbfgs = {"theta": None, "b": None, "pairs": []}
         self.eps = max(self.eps, self.eps_min)
+        self.lam = None  # a new parameter space: the damping starts afresh
         E = self.energy.value()
         rec = {"iteration": self.iteration, "kind": kind, "layer": layer,
                "params_before": p0, "params_after": field.num_params, "energy": E,
@@ -677,6 +771,11 @@ class NaturalGradientFlow:
                     bar.set_postfix(E=f"{rec['energy']:.3e}", align=f"{rec['alignment']:.2f}",
                                     P=rec["n_params"])
                     bar.update(1)
+                if rec["stalled"] and self.expansion is not None \
+                        and self.field.num_params < self.expansion.max_params:
+                    # stationary for this network: growth is the way on
+                    self.grow(**self.expansion.propose(self))
+                    continue
                 if rec["stalled"]:  # no decrease even at maximal damping: stationary
                     reason = "stalled"
                     if self.raise_on_failure and not math.isfinite(rec["energy"]):
