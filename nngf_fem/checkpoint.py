@@ -62,7 +62,8 @@ def checkpoint_provenance(flow) -> dict[str, Any]:
     Returns:
         A dict with ``parameter shapes`` (at the flow's creation), ``mesh cells``,
         ``field rows`` (global), ``energy`` (class name), ``transform``,
-        ``representation`` and ``checkpoint_meta``.
+        ``representation``, ``curvature`` (of a natural-gradient flow; its state cannot
+        be restored into a flow of another kind) and ``checkpoint_meta``.
     """
     field = flow.field
     comm = field.comm
@@ -84,6 +85,7 @@ def checkpoint_provenance(flow) -> dict[str, Any]:
             "energy": type(flow.energy).__name__ if hasattr(flow, "energy") else None,
             "transform": transform,
             "representation": getattr(field, "representation", None),
+            "curvature": getattr(flow, "curvature", None),
             "checkpoint_meta": _plain(dict(getattr(flow, "checkpoint_meta", None) or {}))}
 
 

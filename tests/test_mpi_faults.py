@@ -192,7 +192,7 @@ def test_raise_on_any_marks_collective_errors():
 
 # ------------------------------------------------------- writers (in process)
 def _flow(n: int = 4, width: int = 4, transform: str = "identity", energy: str = "regression",
-          seed: int = 0) -> nf.NaturalGradientFlow:
+          seed: int = 0, **flow_kwargs) -> nf.NaturalGradientFlow:
     msh = mesh.create_unit_square(MPI.COMM_WORLD, n, n)
     torch.manual_seed(seed)
     u = nf.NeuralField(msh, nf.MLP(2, width), transform=transform)
@@ -201,7 +201,7 @@ def _flow(n: int = 4, width: int = 4, transform: str = "identity", energy: str =
         e = nf.RegressionEnergy(u, 1.0 + x[0] * x[1], norm="H1")
     else:
         e = nf.FunctionalEnergy(u, 0.5 * (u.ufl - x[0]) ** 2 * ufl.dx)
-    return nf.NaturalGradientFlow(e)
+    return nf.NaturalGradientFlow(e, **flow_kwargs)
 
 
 def _on_root_mkdir(p: pathlib.Path) -> None:
@@ -338,6 +338,8 @@ def test_stale_temporaries_of_killed_writers_are_removed(tempdir):
     ({"n": 5}, "mesh cells"),
     ({"transform": "exp"}, "transform"),
     ({"energy": "functional"}, "energy"),
+    ({"attr": ("curvature", "lbfgs")},  # as a flow of another kind would have
+     r"curvature: 'none' in the checkpoint vs 'lbfgs' in this run"),
     ({"meta": {"demo": "other"}}, r"checkpoint_meta\['demo'\]: 'ritz' in the checkpoint vs "
                                   r"'other' in this run"),
     ({"meta": {"demo": "ritz", "width": 4}}, r"checkpoint_meta\['width'\]: missing in the "
@@ -349,8 +351,11 @@ def test_load_checkpoint_refuses_another_run(tempdir, change, item):
     flow.run(1)
     nf.save_checkpoint(tempdir / "c.pt", flow)
     meta = change.pop("meta", {"demo": "ritz"})
+    attr = change.pop("attr", None)
     other = _flow(**change)
     other.checkpoint_meta = meta
+    if attr is not None:
+        setattr(other, *attr)
     theta = other.field.get_parameters()
     with pytest.raises(ValueError, match=rf"belongs to another run \({item}"):
         nf.load_checkpoint(tempdir / "c.pt", other)
