@@ -250,12 +250,13 @@ class FunctionSpaceGaussNewton:
 
 
 def fit_network(field, metric, target: np.ndarray, delta_rel: float = 1e-3,
-                max_it: int = 8, rtol: float = 1e-3) -> dict[str, Any]:
+                max_it: int = 8, rtol: float = 1e-3, refresh: int = 1) -> dict[str, Any]:
     """Move the network to ``target`` (owned rows): Gauss-Newton on ``1/2 |u - t|_H^2``.
 
     No PDE solve: network evaluations, ``J^T A_H J`` and metric products only. Each
     iteration solves ``(J^T A_H J + delta I) d = -J^T A_H (u - t)`` (``delta`` relative
-    to the largest eigenvalue) with backtracking on the fit. Returns the relative fit
+    to the largest eigenvalue) with backtracking on the fit; ``J^T A_H J`` is formed anew
+    every ``refresh`` iterations (chord steps in between). Returns the relative fit
     residual ``|u - t|_H / |t - u_0|_H`` and the iterations.
     """
     comm = field.comm
@@ -268,10 +269,12 @@ def fit_network(field, metric, target: np.ndarray, delta_rel: float = 1e-3,
     f0, r = misfit(u0)
     f_start = max(f0, 1e-300)
     its = 0
+    hg = None
     for its in range(1, max_it + 1):  # noqa: B007
         lin = field.linearize()
-        hg = HilbertGram(metric, lin)
-        delta = delta_rel * max(hg.lam_max, 1e-300)
+        if hg is None or (its - 1) % refresh == 0:  # J^T A_H J changes slowly: a chord step
+            hg = HilbertGram(metric, lin)
+            delta = delta_rel * max(hg.lam_max, 1e-300)
         b = lin.vjp(metric.apply(r))
         d = -hg.solve(b, 1.0, delta)
         theta = field.get_parameters()

@@ -587,7 +587,8 @@ class NaturalGradientFlow:
                 self.field.set_parameters(theta0)
                 try:
                     fit = fit_network(self.field, self.metric, target, 1e-6,
-                                      max_it=self.fit_iterations, rtol=1e-4)
+                                      max_it=self.fit_iterations, rtol=1e-4,
+                                      refresh=1)
                     E1 = self._trial(self.field.get_parameters())
                 except _TRIAL_ERRORS:
                     E1 = math.inf
