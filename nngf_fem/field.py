@@ -242,6 +242,14 @@ class NeuralField:
         else:
             raise TypeError(f"domain must be a dolfinx Mesh or FunctionSpace, got {type(domain)}")
         self.comm: MPI.Comm = self.mesh.comm
+        if not getattr(self.mesh, "_nngf_fem_checked", False):  # NaN coordinates, flat cells
+            from nngf_fem.meshes import check_mesh
+
+            check_mesh(self.mesh, source="the field's mesh")
+            try:
+                self.mesh._nngf_fem_checked = True
+            except AttributeError:  # pragma: no cover - a mesh type without attributes
+                pass
         self.gdim = self.mesh.geometry.dim
 
         m = self._probe_value_size()

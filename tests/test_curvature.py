@@ -289,3 +289,11 @@ def test_taylor_test_reads_rate_two_after_training_at_the_default_step():
     assert plain.rates.size == 4
     flow.destroy()
     energy.destroy()
+
+
+def test_nan_mesh_coordinates_are_blamed_on_the_mesh():
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
+    if MPI.COMM_WORLD.rank == 0 and msh.geometry.x.shape[0]:
+        msh.geometry.x[0, 0] = np.nan
+    with pytest.raises(ValueError, match="mesh coordinates contain NaN"):
+        nf.NeuralField(msh, nf.MLP(2, 3))
