@@ -181,6 +181,17 @@ def test_hook_installed_on_import_under_mpi():
     assert hooked == (MPI.COMM_WORLD.size > 1)
 
 
+def test_abort_hook_opt_out_by_environment(monkeypatch):
+    calls = []
+    monkeypatch.setattr(nmpi, "install_excepthook", lambda comm: calls.append(comm))
+    monkeypatch.setenv("NNGF_FEM_NO_ABORT_HOOK", "1")
+    nmpi._auto_install()
+    assert calls == []
+    monkeypatch.delenv("NNGF_FEM_NO_ABORT_HOOK")
+    nmpi._auto_install()
+    assert len(calls) == (1 if MPI.COMM_WORLD.size > 1 else 0)
+
+
 def test_raise_on_any_marks_collective_errors():
     comm = MPI.COMM_WORLD
     with pytest.raises(OSError, match=r"disk full") as info:
@@ -286,6 +297,8 @@ def test_field_writers_refuse_bad_targets_on_all_ranks(tempdir):
     _on_root_mkdir(tempdir / "u.xdmf")
     with pytest.raises(OSError, match=r"u\.xdmf is a directory"):
         nio.write_fields(tempdir / "u.xdmf", [f], engine="xdmf")
+    with pytest.raises(OSError, match=r"cannot write plot \S*results"):
+        nio.plot_fields(tempdir / "results", [("u", f)])
     if comm.rank == 0:
         assert (tempdir / "results" / "keep.txt").read_text() == "user data"
     # a VTX folder is replaced by a new one
