@@ -40,6 +40,10 @@ def git_state() -> dict[str, Any]:
         return {"commit": None, "modified": None}
 
 
+#: git state when the benchmark started (rank 0; the JSON is written there)
+GIT_AT_START = git_state() if MPI.COMM_WORLD.rank == 0 else None
+
+
 def environment(comm: MPI.Comm = MPI.COMM_WORLD) -> dict[str, Any]:
     """Versions, machine and parallel layout of this run."""
     import dolfinx
@@ -55,8 +59,9 @@ def environment(comm: MPI.Comm = MPI.COMM_WORLD) -> dict[str, Any]:
         else os.cpu_count(),
         "ranks": comm.size, "torch_threads": torch.get_num_threads(),
         "dtype": "float64",
-        # the code the numbers came from: commit plus uncommitted changes (by file)
-        "git": git_state() if comm.rank == 0 else None,
+        # the code the numbers came from: commit plus uncommitted changes (by file), taken
+        # when the script started (its modules were loaded then)
+        "git": GIT_AT_START,
     }
 
 

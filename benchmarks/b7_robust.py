@@ -171,6 +171,7 @@ def run(problem: Problem, seed: int, width: int, expand: bool) -> dict:
            "factorizations": energy.counters.get("factorizations"),
            "k_err": k_err, "misfit_ratio": trace["misfit"][-1] / problem.noise_misfit,
            "initial_energy": E0, "initial_k_range": [kmin, kmax],
+           "curvature": flow.curvature,
            "expansions": len(flow.expansions), "final_params": k.num_params,
            "expansion_iterations": [e["iteration"] for e in flow.expansions],
            "rejected_steps": sum(not h["accepted"] for h in steps),
@@ -236,6 +237,7 @@ for fam in families:
            "median_expansions": median([r["expansions"] for r in mine]),
            "median_params": median([r["final_params"] for r in mine]),
            "median_wall": median([r["wall"] for r in mine]),
+           "curvature": mine[0]["curvature"],
            "max_lambda": max((r["lambda_max"] for r in mine if r["lambda_max"] is not None),
                              default=None),
            "best_fixed_width": best_w, "best_fixed_k_err": best_err,
@@ -253,8 +255,9 @@ for fam in families:
 print_table(
     f"B7: README settings (width 2, default ExpansionPolicy, default flow), {args.seeds} seeds, "
     f"stop at misfit <= {args.tau:g} x noise or {args.iterations} its, {comm.size} rank(s)",
-    [("family", "family"), ("dofs", "dofs"), ("reached", "reached noise"), ("runs", "runs"),
-     ("median_k_err", "median k err"), ("worst_k_err", "worst k err"),
+    [("family", "family"), ("dofs", "dofs"), ("curvature", "curvature"),
+     ("reached", "reached noise"), ("runs", "runs"), ("median_k_err", "median k err"),
+     ("worst_k_err", "worst k err"),
      ("worst_over_median", "worst / median"), ("median_pde", "median PDE solves"),
      ("worst_pde", "worst PDE solves"), ("median_expansions", "median expansions"),
      ("median_params", "median params"), ("median_wall", "median time [s]"),

@@ -14,7 +14,8 @@ max |u|), misfit 1/2 ||u - u_obs||^2 / ||u_obs||^2, H1 Tikhonov alpha/2 ||E - 1|
 everywhere. Methods, all started at E = 1:
 
 * ``ng_expand``: ``E = exp(N(x))`` from a width-2 MLP, ``NaturalGradientFlow`` with the
-  default curvature (Gauss-Newton for a PDE energy) and ``expansion=ExpansionPolicy()``;
+  default curvature (``curvature="auto"``: a Gauss-Newton variant for a PDE energy; the
+  table names the one used) and ``expansion=ExpansionPolicy()``;
 * ``ng_fixed``: the same with a fixed width-16 network;
 * ``ng_fo_expand``: the first-order flow (``curvature="none"``), expansive -- the paper's
   method, for contrast;
@@ -68,9 +69,9 @@ if args.threads > 0:
     torch.set_num_threads(args.threads)
     nf._backend.limit_blas_threads(args.threads)
 comm = MPI.COMM_WORLD
-LABELS = {"ng_expand": "NG Gauss-Newton, expansive from width 2",
-          "ng_fixed": "NG Gauss-Newton, fixed width {w}",
-          "ng_fo_expand": "NG first-order, expansive from width 2",
+LABELS = {"ng_expand": "NG default flow ({c}), expansive from width 2",
+          "ng_fixed": "NG default flow ({c}), fixed width {w}",
+          "ng_fo_expand": "NG first-order ({c}), expansive from width 2",
           "fe_gncg": "FE P1 exp(m), Gauss-Newton-CG",
           "fe_lmvm": "FE P1 exp(m), TAO LMVM, J0 = H1 Riesz"}
 
@@ -188,7 +189,11 @@ def run_ng(problem: Problem, method: str, target: float) -> Recorder:
                  "rejected_steps": sum(not h["accepted"] for h in steps),
                  "lambda": [h.get("lambda") for h in steps],
                  "cg_its": [h.get("cg_its") for h in steps],
-                 "alignment": [h.get("alignment") for h in steps]}
+                 "alignment": [h.get("alignment") for h in steps],
+                 # seconds inside the flow's steps by part (expansions are outside steps)
+                 "time_split": {key: sum(h.get(key, 0.0) for h in steps)
+                                for key in ("t_total", "t_pde", "t_riesz", "t_ng",
+                                            "t_sketch", "t_network")}}
     flow.destroy()
     metric.destroy()
     energy.destroy()
@@ -233,7 +238,9 @@ for m in methods:
     tr = reps[0].rows
     last = tr[-1]
     reached = last["misfit"] <= target
-    row = {"method": m, "label": LABELS[m].format(w=args.width), "budget": budgets[m],
+    row = {"method": m, "label": LABELS[m].format(w=args.width,
+                                                  c=reps[0].extra.get("curvature", "-")),
+           "budget": budgets[m],
            "reached": reached, "iterations": len(tr) - 1,
            "stop": "noise level" if reached else "budget",
            "E_err": last["E_err"], "best_E_err": min(r["E_err"] for r in tr),
