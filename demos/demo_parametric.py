@@ -148,6 +148,7 @@ field, energy, metric = build(4 if args.expand else args.width)
 flow = nf.NaturalGradientFlow(energy, metric, eps=1e-4, max_step=1e4, eps_min=args.eps_min,
                               nystrom_rank=args.nystrom_rank,
                               petsc_options_prefix="ng_param_")
+flow.checkpoint_meta.update({"demo": "parametric", "n": args.n, "seed": args.seed})
 policy = nf.ExpansionPolicy(threshold=0.5, patience=3, neurons=4,
                             max_params=args.depth * args.width * (args.width + 5) + args.width + 1
                             ) if args.expand else None

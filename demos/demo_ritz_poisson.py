@@ -61,6 +61,8 @@ boundary = fem.locate_dofs_topological(u.space, 1, mesh.exterior_facet_indices(m
 metric = nf.H1Seminorm(u, bcs=[fem.dirichletbc(0.0, boundary, u.space)])
 flow = nf.NaturalGradientFlow(energy, metric, eps=1e-4, method=args.method,
                               preconditioner=None if args.precond == "none" else args.precond)
+flow.checkpoint_meta.update({"demo": "ritz_poisson", "n": args.n, "degree": args.degree,
+                             "seed": args.seed})  # a resume must belong to this problem
 
 err_form = fem.form((u.ufl - u_exact) ** 2 * ufl.dx(degree=2 * args.degree + 2))
 ref = np.sqrt(comm.allreduce(fem.assemble_scalar(fem.form(u_exact**2 * ufl.dx(degree=8)))))

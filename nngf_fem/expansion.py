@@ -210,7 +210,7 @@ class ExpansionPolicy:
     """
 
     threshold: float = 0.6
-    patience: int = 3
+    patience: int = 2
     neurons: int = 2
     layer: int = -1
     max_params: int = 10_000

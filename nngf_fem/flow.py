@@ -710,7 +710,8 @@ class NaturalGradientFlow:
         self._tau_next = None
         self._lbfgs = {"theta": None, "b": None, "pairs": []}
         self.eps = max(self.eps, self.eps_min)
-        self.lam = None  # a new parameter space: the damping starts afresh
+        if self.lam is not None and self.lam >= LAMBDA_MAX:  # grown after a stall: start afresh
+            self.lam = None
         E = self.energy.value()
         rec = {"iteration": self.iteration, "kind": kind, "layer": layer,
                "params_before": p0, "params_after": field.num_params, "energy": E,
