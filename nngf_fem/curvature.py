@@ -79,8 +79,95 @@ class HilbertGram:
         return inner + (v - self.U @ Uv) / tail
 
 
-class GaussNewtonSubspace:
-    """Preconditioned CG for the Levenberg-Marquardt Gauss-Newton system, with memory.
+class _KeptKrylov:
+    """Preconditioned CG on ``(A_GN + lam A_H + shift I) x = rhs`` keeping its directions.
+
+    Subclasses give the products ``(A_GN p, A_H p)``, the preconditioner and the inner
+    product. The kept directions ``Z`` with ``A_GN Z`` and ``A_H Z`` let :meth:`galerkin`
+    solve for any other damping in their span without new products.
+    """
+
+    def __init__(self, rhs: np.ndarray):
+        self.rhs = rhs
+        self.Z, self.GZ, self.HZ = (np.zeros((rhs.size, 0)) for _ in range(3))
+        self.products = 0
+
+    def _products(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _precond(self, r: np.ndarray, lam: float, shift: float) -> np.ndarray:
+        raise NotImplementedError
+
+    def _dot(self, a: np.ndarray, b: np.ndarray) -> float:
+        return float(a @ b)
+
+    def _reduce(self, M: np.ndarray) -> np.ndarray:
+        return M
+
+    def product(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(A_GN p, A_H p)`` (one Gauss-Newton product); ``p`` joins the kept span."""
+        Gp, Hp = self._products(p)
+        self.products += 1
+        if not math.isfinite(self._dot(p, Gp)):
+            raise FloatingPointError("non-finite Gauss-Newton product")
+        self.Z = np.column_stack([self.Z, p])
+        self.GZ = np.column_stack([self.GZ, Gp])
+        self.HZ = np.column_stack([self.HZ, Hp])
+        return Gp, Hp
+
+    def cg(self, lam: float, shift: float, rtol: float, max_it: int) -> dict[str, Any]:
+        """PCG from zero.
+
+        Stops at ``rtol`` (preconditioned residual), ``max_it`` products or on
+        non-positive curvature.
+        """
+        r = self.rhs.copy()
+        z = self._precond(r, lam, shift)
+        rz = rz0 = self._dot(r, z)
+        p = z.copy()
+        its, reason = 0, "max_it"
+        if rz0 <= 0:
+            return {"iterations": 0, "reason": "zero_rhs"}
+        while its < max_it:
+            Gp, Hp = self.product(p)
+            its += 1
+            Ap = Gp + lam * Hp + shift * p
+            pAp = self._dot(p, Ap)
+            if pAp <= 0:
+                reason = "negative_curvature"
+                break
+            r = r - (rz / pAp) * Ap
+            z = self._precond(r, lam, shift)
+            rz_new = self._dot(r, z)
+            if rz_new <= rtol**2 * rz0:
+                reason = "rtol"
+                break
+            p = z + (rz_new / rz) * p
+            rz = rz_new
+        return {"iterations": its, "reason": reason}
+
+    def galerkin(self, lam: float, shift: float) -> tuple[np.ndarray, float, float]:
+        """Solution ``x`` in the kept span for damping ``lam``.
+
+        Returns ``x``, ``rhs . x`` and ``x^T A_GN x``.
+        """
+        Z = self.Z
+        m = Z.shape[1]
+        red = self._reduce(np.column_stack([Z.T @ self.GZ, Z.T @ self.HZ, Z.T @ Z,
+                                            (Z.T @ self.rhs)[:, None]]))
+        G, H, ZZ, zr = red[:, :m], red[:, m : 2 * m], red[:, 2 * m : 3 * m], red[:, 3 * m]
+        G, H = 0.5 * (G + G.T), 0.5 * (H + H.T)
+        w, V = np.linalg.eigh(G + lam * H + shift * ZZ)
+        keep = w > 1e-12 * max(w.max(initial=0.0), 1e-300)
+        c = V[:, keep] @ ((V[:, keep].T @ zr) / w[keep])
+        return Z @ c, float(zr @ c), float(c @ G @ c)
+
+
+class GaussNewtonSubspace(_KeptKrylov):
+    """Levenberg-Marquardt Gauss-Newton system in parameter space, with memory.
+
+    ``(G_GN + lam G_H + shift I) d = -b`` with ``G_GN = J^T A_GN J``, preconditioned by
+    ``(lam G_H + shift I)^{-1}`` (no PDE solve).
 
     Args:
         gn_apply: ``v -> J^T A_GN J v`` (replicated parameter vectors; PDE solves).
@@ -89,83 +176,27 @@ class GaussNewtonSubspace:
     """
 
     def __init__(self, gn_apply, hgram: HilbertGram, b: np.ndarray):
+        super().__init__(-b)
         self.gn_apply, self.hgram, self.b = gn_apply, hgram, b
-        self.Z = np.zeros((b.size, 0))
-        self.GZ = np.zeros((b.size, 0))
-        self.HZ = np.zeros((b.size, 0))
-        self.products = 0
+
+    def _products(self, p):
+        return self.gn_apply(p), self.hgram.apply(p)
+
+    def _precond(self, r, lam, shift):
+        return self.hgram.solve(r, lam, shift)
 
     def rayleigh(self, v: np.ndarray) -> tuple[float, np.ndarray]:
         """``v^T G_GN v / v^T G_H v`` and ``G_GN v`` (one product, kept in the subspace)."""
-        Gv = self.gn_apply(v)
-        Hv = self.hgram.apply(v)
-        self.products += 1
-        self._add(v, Gv, Hv)
+        Gv, Hv = self.product(v)
         return float(v @ Gv) / max(float(v @ Hv), 1e-300), Gv
 
-    def _add(self, p: np.ndarray, Gp: np.ndarray, Hp: np.ndarray) -> None:
-        self.Z = np.column_stack([self.Z, p])
-        self.GZ = np.column_stack([self.GZ, Gp])
-        self.HZ = np.column_stack([self.HZ, Hp])
-
-    def cg(self, lam: float, eps: float, rtol: float, max_it: int) -> dict[str, Any]:
-        """PCG on ``(G_GN + lam G_H + eps I) d = -b``; directions are kept.
-
-        Stops when the preconditioned residual drops below ``rtol`` times its initial
-        value, after ``max_it`` products, or on non-positive curvature.
-        """
-        b = self.b
-        x = np.zeros_like(b)
-        r = -b.copy()
-        z = self.hgram.solve(r, lam, eps)
-        rz = float(r @ z)
-        rz0 = rz
-        p = z.copy()
-        its, reason = 0, "max_it"
-        if rz0 <= 0:
-            return {"iterations": 0, "reason": "zero_rhs"}
-        while its < max_it:
-            Gp = self.gn_apply(p)
-            Hp = self.hgram.apply(p)
-            self.products += 1
-            its += 1
-            Ap = Gp + lam * Hp + eps * p
-            pAp = float(p @ Ap)
-            if not math.isfinite(pAp):
-                raise FloatingPointError("non-finite Gauss-Newton product")
-            self._add(p, Gp, Hp)
-            if pAp <= 0:
-                reason = "negative_curvature"
-                break
-            alpha = rz / pAp
-            x += alpha * p
-            r -= alpha * Ap
-            z = self.hgram.solve(r, lam, eps)
-            rz_new = float(r @ z)
-            if rz_new <= rtol**2 * rz0:
-                reason = "rtol"
-                break
-            p = z + (rz_new / rz) * p
-            rz = rz_new
-        return {"iterations": its, "reason": reason}
-
-    def solve(self, lam: float, eps: float) -> tuple[np.ndarray, float]:
+    def solve(self, lam: float, shift: float) -> tuple[np.ndarray, float]:
         """Galerkin solution in the kept span for damping ``lam``: ``(d, d^T G_GN d)``."""
-        Z = self.Z
-        A = Z.T @ self.GZ
-        A = 0.5 * (A + A.T) + lam * 0.5 * (Z.T @ self.HZ + self.HZ.T @ Z) + eps * (Z.T @ Z)
-        rhs = -(Z.T @ self.b)
-        w, V = np.linalg.eigh(A)
-        keep = w > 1e-12 * max(w.max(initial=0.0), 1e-300)
-        c = V[:, keep] @ ((V[:, keep].T @ rhs) / w[keep])
-        d = Z @ c
-        gz = Z.T @ self.GZ
-        dGd = float(c @ (0.5 * (gz + gz.T)) @ c)
+        d, _, dGd = self.galerkin(lam, shift)
         return d, dGd
 
 
-
-class FunctionSpaceGaussNewton:
+class FunctionSpaceGaussNewton(_KeptKrylov):
     """Levenberg-Marquardt Gauss-Newton step in coefficient space, kept as a subspace.
 
     Preconditioned CG on ``(A_GN + lambda A_H) dk = -e`` over the field's coefficient
@@ -181,72 +212,26 @@ class FunctionSpaceGaussNewton:
     """
 
     def __init__(self, energy, metric, e: np.ndarray):
+        super().__init__(-e)
         self.energy, self.metric, self.e = energy, metric, e
         self.comm = metric.comm
-        n = e.size
-        self.Z, self.GZ, self.HZ = (np.zeros((n, 0)) for _ in range(3))
-        self.products = 0
 
-    def _dot(self, a: np.ndarray, b: np.ndarray) -> float:
+    def _products(self, p):
+        return self.energy.gauss_newton_product(p), self.metric.apply(p)
+
+    def _precond(self, r, lam, shift):
+        return self.metric.riesz(r)
+
+    def _dot(self, a, b):
         return self.comm.allreduce(float(a @ b))
 
-    def _add(self, p, Gp, Hp) -> None:
-        self.Z = np.column_stack([self.Z, p])
-        self.GZ = np.column_stack([self.GZ, Gp])
-        self.HZ = np.column_stack([self.HZ, Hp])
-
-    def product(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(A_GN p, A_H p)``; ``p`` joins the kept span."""
-        Gp = self.energy.gauss_newton_product(p)
-        Hp = self.metric.apply(p)
-        self.products += 1
-        if not np.isfinite(self.comm.allreduce(float(np.sum(np.abs(Gp))))):
-            raise FloatingPointError("non-finite Gauss-Newton product")
-        self._add(p, Gp, Hp)
-        return Gp, Hp
-
-    def cg(self, lam: float, rtol: float, max_it: int) -> dict[str, Any]:
-        """PCG on ``(A_GN + lam A_H) dk = -e``, preconditioned by ``A_H^{-1}``."""
-        r = -self.e.copy()
-        z = self.metric.riesz(r)
-        rz = rz0 = self._dot(r, z)
-        p = z.copy()
-        its, reason = 0, "max_it"
-        if rz0 <= 0:
-            return {"iterations": 0, "reason": "zero_rhs"}
-        while its < max_it:
-            Gp, Hp = self.product(p)
-            its += 1
-            Ap = Gp + lam * Hp
-            pAp = self._dot(p, Ap)
-            if pAp <= 0:
-                reason = "negative_curvature"
-                break
-            alpha = rz / pAp
-            r = r - alpha * Ap
-            z = self.metric.riesz(r)
-            rz_new = self._dot(r, z)
-            if rz_new <= rtol**2 * rz0:
-                reason = "rtol"
-                break
-            p = z + (rz_new / rz) * p
-            rz = rz_new
-        return {"iterations": its, "reason": reason}
+    def _reduce(self, M):
+        return allreduce_sum(self.comm, M)
 
     def solve(self, lam: float) -> tuple[np.ndarray, float]:
         """Galerkin solution ``dk`` in the kept span and its predicted decrease."""
-        Z = self.Z
-        red = allreduce_sum(self.comm, np.column_stack([Z.T @ self.GZ, Z.T @ self.HZ,
-                                                        (Z.T @ self.e)[:, None]]))
-        m = Z.shape[1]
-        G, H, ze = red[:, :m], red[:, m : 2 * m], red[:, 2 * m]
-        G, H = 0.5 * (G + G.T), 0.5 * (H + H.T)
-        A = G + lam * H
-        w, V = np.linalg.eigh(A)
-        keep = w > 1e-12 * max(w.max(initial=0.0), 1e-300)
-        c = -(V[:, keep] @ ((V[:, keep].T @ ze) / w[keep]))
-        pred = -(float(ze @ c) + 0.5 * float(c @ G @ c))
-        return Z @ c, pred
+        dk, rhs_dk, dGd = self.galerkin(lam, 0.0)
+        return dk, rhs_dk - 0.5 * dGd  # -(e . dk + dk^T A_GN dk / 2)
 
 
 def fit_network(field, metric, target: np.ndarray, delta_rel: float = 1e-3,

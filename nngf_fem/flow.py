@@ -547,6 +547,42 @@ class NaturalGradientFlow:
                 "rho": math.nan, "accepted": accepted, "backtracks": n_bt, "bd": bd,
                 "lbfgs_pairs": len(mem["pairs"]), "t_pde": t_ls}
 
+    def _levenberg_marquardt(self, theta0, E0, propose) -> tuple:
+        """Levenberg-Marquardt trials until one is accepted.
+
+        ``propose(lambda) -> (theta or None, predicted decrease)``. After each rejection
+        ``lambda`` grows by Nielsen's rule (``lambda *= nu, nu *= 2``); on acceptance
+        ``lambda *= max(1/3, 1 - (2 rho - 1)^3)``. A rejected step restores ``theta0`` and
+        raises ``eps``. Returns ``(accepted, E1, backtracks, lambda used, rho)``.
+        """
+        accepted, E1, n_bt, lam_used, rho = False, E0, 0, self.lam, math.nan
+        nu = 2.0
+        for n_bt in range(self.max_backtracks + 1):  # noqa: B007
+            lam_used = self.lam
+            try:
+                theta, pred = propose(self.lam)
+            except _TRIAL_ERRORS:
+                theta, pred = None, math.nan
+            if theta is not None and pred > 0:
+                E1 = self._trial(theta)
+                rho = (E0 - E1) / pred if math.isfinite(E1) else -math.inf
+                if self._accept(E1, E0, pred):
+                    accepted = True
+                    break
+            self.lam = min(self.lam * nu, LAMBDA_MAX)
+            nu *= 2.0
+            if lam_used >= LAMBDA_MAX:
+                break
+        if accepted:
+            self._energy = E1
+            self.lam = min(max(self.lam * max(1.0 / 3.0, 1.0 - (2.0 * min(rho, 1.0) - 1.0) ** 3),
+                               1e-12), LAMBDA_MAX)
+        else:
+            self.field.set_parameters(theta0)
+            self._energy = E1 = E0
+            self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
+        return accepted, E1, n_bt, lam_used, rho
+
     def _projected_step(self, theta0, E0, info) -> dict[str, Any]:
         """Gauss-Newton step in coefficient space, then the network moved onto it.
 
@@ -571,44 +607,25 @@ class NaturalGradientFlow:
             self.lam = max(self.comm.allreduce(float(g @ Gg))
                            / max(self.comm.allreduce(float(g @ Hg)), 1e-300), 1e-12)
         rtol = min(self.cg_forcing, math.sqrt(enorm / max(self._b0norm, 1e-300)))
-        cg = fs.cg(self.lam, rtol, self.max_cg or 30)
+        cg = fs.cg(self.lam, 0.0, rtol, self.max_cg or 30)
         k0 = self.field.values()
         positive = getattr(self.field, "transform_name", "") in ("exp", "softplus")
-        accepted, E1, n_bt, lam_used, rho = False, E0, 0, self.lam, math.nan
         fit: dict[str, Any] = {}
-        nu = 2.0
-        for n_bt in range(self.max_backtracks + 1):  # noqa: B007
-            lam_used = self.lam
-            dk, pred = fs.solve(self.lam)
-            if pred > 0:
-                with np.errstate(over="ignore"):
-                    target = k0 * np.exp(np.clip(dk / np.where(k0 != 0, k0, 1.0), -50, 50)) \
-                        if positive else k0 + dk
-                self.field.set_parameters(theta0)
-                try:
-                    fit = fit_network(self.field, self.metric, target, 1e-6,
-                                      max_it=self.fit_iterations, rtol=1e-4,
-                                      refresh=1)
-                    E1 = self._trial(self.field.get_parameters())
-                except _TRIAL_ERRORS:
-                    E1 = math.inf
-                rho = (E0 - E1) / pred if math.isfinite(E1) else -math.inf
-                if self._accept(E1, E0, pred):
-                    accepted = True
-                    break
-            self.lam = min(self.lam * nu, LAMBDA_MAX)
-            nu *= 2.0
-            if lam_used >= LAMBDA_MAX:
-                break
-        t_ls = time.perf_counter() - t0
-        if accepted:
-            self._energy = E1
-            self.lam = min(max(self.lam * max(1.0 / 3.0, 1.0 - (2.0 * min(rho, 1.0) - 1.0) ** 3),
-                               1e-12), LAMBDA_MAX)
-        else:
+
+        def propose(lam: float):
+            dk, pred = fs.solve(lam)
+            if not pred > 0:
+                return None, pred
+            with np.errstate(over="ignore"):
+                target = k0 * np.exp(np.clip(dk / np.where(k0 != 0, k0, 1.0), -50, 50)) \
+                    if positive else k0 + dk
             self.field.set_parameters(theta0)
-            self._energy = E1 = E0
-            self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
+            fit.update(fit_network(self.field, self.metric, target, 1e-6,
+                                   max_it=self.fit_iterations, rtol=1e-4))
+            return self.field.get_parameters(), pred
+
+        accepted, E1, n_bt, lam_used, rho = self._levenberg_marquardt(theta0, E0, propose)
+        t_ls = time.perf_counter() - t0
         return {"energy": E1, "step": 1.0 if accepted else 0.0, "eps": self.eps, "rho": rho,
                 "accepted": accepted, "backtracks": n_bt, "bd": math.nan, "lambda": lam_used,
                 "cg_its": cg["iterations"], "cg_reason": cg["reason"], "cg_rtol": rtol,
@@ -639,33 +656,17 @@ class NaturalGradientFlow:
         rtol = min(self.cg_forcing, math.sqrt(bnorm / max(self._b0norm, 1e-300)))
         max_cg = self.max_cg or min(self.field.num_params, 30)
         cg = sub.cg(self.lam, self.lam * delta + eps, rtol, max_cg)
-        accepted, E1, n_bt, lam_used = False, E0, 0, self.lam
-        rho, tau, d = math.nan, 0.0, None
-        nu = 2.0  # Nielsen's damping update: lambda *= nu, nu *= 2 on each rejection
-        for n_bt in range(self.max_backtracks + 1):  # noqa: B007
-            lam_used = self.lam
-            d, dGd = sub.solve(self.lam, self.lam * delta + eps)
+        last: dict[str, Any] = {"d": None}
+
+        def propose(lam: float):
+            d, dGd = sub.solve(lam, lam * delta + eps)
+            last["d"] = d
             pred = -(float(b @ d) + 0.5 * dGd)
-            if pred > 0 and np.all(np.isfinite(d)):
-                E1 = self._trial(theta0 + d)
-                rho = (E0 - E1) / pred if math.isfinite(E1) else -math.inf
-                if self._accept(E1, E0, pred):
-                    accepted = True
-                    break
-            self.lam = min(self.lam * nu, LAMBDA_MAX)
-            nu *= 2.0
-            if lam_used >= LAMBDA_MAX:
-                break
+            return (theta0 + d if np.all(np.isfinite(d)) else None), pred
+
+        accepted, E1, n_bt, lam_used, rho = self._levenberg_marquardt(theta0, E0, propose)
         t_ls = time.perf_counter() - t0
-        if accepted:
-            self._energy = E1
-            tau = 1.0
-            self.lam = min(max(self.lam * max(1.0 / 3.0, 1.0 - (2.0 * min(rho, 1.0) - 1.0) ** 3),
-                               1e-12), LAMBDA_MAX)
-        else:
-            self.field.set_parameters(theta0)
-            self._energy = E1 = E0
-            self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
+        d, tau = last["d"], 1.0 if accepted else 0.0
         return {"energy": E1, "step": tau, "eps": eps, "rho": rho, "accepted": accepted,
                 "backtracks": n_bt, "bd": float(b @ d) if d is not None else math.nan,
                 "lambda": lam_used, "cg_its": cg["iterations"], "cg_reason": cg["reason"],
