@@ -211,7 +211,7 @@ class ExpansionPolicy:
 
     threshold: float = 0.6
     patience: int = 2
-    neurons: int = 2
+    neurons: int = 4
     layer: int = -1
     max_params: int = 10_000
     n_candidates: int = 256
