@@ -403,9 +403,14 @@ class NaturalGradientFlow:
             rec["eps"] >= self.eps_max or rec.get("lambda", 0.0) >= LAMBDA_MAX)
         return rec
 
-    def _rejected(self, theta0: np.ndarray, E0: float, why: str) -> dict[str, Any]:
+    def _restore(self, theta0: np.ndarray, E0: float) -> None:
+        """Back to the accepted parameters; the energy's state follows (a cache hit)."""
         self.field.set_parameters(theta0)
+        self._evaluate()  # the state and misfit of the accepted point, not of a trial
         self._energy = E0
+
+    def _rejected(self, theta0: np.ndarray, E0: float, why: str) -> dict[str, Any]:
+        self._restore(theta0, E0)
         eps_used = self.eps
         self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
         if self.lam is not None:
@@ -472,8 +477,8 @@ class NaturalGradientFlow:
                 elif rho < 0.25 and tau <= unit:
                     self.eps = min(max(self.eps, self.eps_min) * 2.0, self.eps_max)
         else:
-            self.field.set_parameters(theta0)
-            self._energy = E1 = E0
+            self._restore(theta0, E0)
+            E1 = E0
             self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
             self.tau = self.max_step if not self._gn_energy else 1.0
             self._tau_next = None
@@ -539,8 +544,8 @@ class NaturalGradientFlow:
         if accepted:
             self._energy = E1
         else:
-            self.field.set_parameters(theta0)
-            self._energy = E1 = E0
+            self._restore(theta0, E0)
+            E1 = E0
             mem["pairs"] = []
             self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
         return {"energy": E1, "step": tau if accepted else 0.0, "eps": self.eps,
@@ -578,8 +583,8 @@ class NaturalGradientFlow:
             self.lam = min(max(self.lam * max(1.0 / 3.0, 1.0 - (2.0 * min(rho, 1.0) - 1.0) ** 3),
                                1e-12), LAMBDA_MAX)
         else:
-            self.field.set_parameters(theta0)
-            self._energy = E1 = E0
+            self._restore(theta0, E0)
+            E1 = E0
             self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
         return accepted, E1, n_bt, lam_used, rho
 

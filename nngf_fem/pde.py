@@ -344,7 +344,7 @@ class PDEConstrainedEnergy(EnergyFunctional):
             self.timings["forward"] += time.perf_counter() - t0
         self._solved_for = key
         self._fwd_op_valid = True
-        self._saved = [*self._saved[-2:], (key, self.y.x.array.copy())]
+        self._saved = [*self._saved[-3:], (key, self.y.x.array.copy())]
 
     def _check_linear_solve(self, rhs: PETSc.Vec, sol: PETSc.Vec, what: str) -> None:
         """Raise a clear error for a singular system (a direct solver 'succeeds' on it)."""

@@ -297,3 +297,20 @@ def test_nan_mesh_coordinates_are_blamed_on_the_mesh():
         msh.geometry.x[0, 0] = np.nan
     with pytest.raises(ValueError, match="mesh coordinates contain NaN"):
         nf.NeuralField(msh, nf.MLP(2, 3))
+
+
+def test_misfit_after_a_rejected_trial_is_the_accepted_points():
+    k, energy = darcy(width=4)
+    flow = nf.NaturalGradientFlow(energy, nf.H1(k, alpha=1.0, beta=0.01))
+    flow.step()
+    E_acc, misfit_acc = energy.value(), energy.misfit_value()
+    theta = k.get_parameters()
+    solves = energy.pde_solves
+    flow._restore(theta, E_acc)  # what every rejection does after its trials
+    k.set_parameters(theta + 0.5)
+    energy.value()  # a trial elsewhere
+    flow._restore(theta, E_acc)
+    assert energy.misfit_value() == pytest.approx(misfit_acc, rel=1e-12)
+    assert energy.pde_solves == solves + 1  # the trial's forward solve, no re-solve
+    flow.destroy()
+    energy.destroy()
