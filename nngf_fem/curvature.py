@@ -44,8 +44,8 @@ class HilbertGram:
         self.P = P
         self.exact = P <= dense_limit
         if self.exact:
-            J = lin.jvp_block(np.eye(P))
-            AJ = np.column_stack([metric.apply(J[:, j]) for j in range(P)]) if P else J
+            J = lin.J if getattr(lin, "J", None) is not None else lin.jvp_block(np.eye(P))
+            AJ = metric.apply_block(J) if P else J
             G = allreduce_sum(metric.comm, J.T @ AJ)
             G = 0.5 * (G + G.T)
             if not np.all(np.isfinite(G)):

@@ -101,6 +101,27 @@ class Metric:
             return self._b.array_r.copy()
         return self._quadrature_weights() * w
 
+    def apply_block(self, W: np.ndarray) -> np.ndarray:
+        """``A_H W`` for a block of owned-row vectors ``W`` (``n_rows x l``).
+
+        FE metrics use one sparse-times-dense product (``MatMatMult``) instead of ``l``
+        matrix-vector products; collective.
+        """
+        W = np.ascontiguousarray(W, dtype=np.float64)
+        if not self.is_fe or W.shape[1] == 0:
+            return np.column_stack([self.apply(W[:, j]) for j in range(W.shape[1])]) \
+                if W.shape[1] else W.copy()
+        n, N = self.A.getLocalSize()[1], self.A.getSize()[1]
+        X = PETSc.Mat().createDense(((n, N), (PETSc.DECIDE, W.shape[1])), comm=self.comm)
+        X.setUp()
+        X.getDenseArray()[:] = W
+        X.assemble()
+        Y = self.A.matMult(X)
+        out = Y.getDenseArray().copy()
+        X.destroy()
+        Y.destroy()
+        return out
+
     def _quadrature_weights(self) -> np.ndarray:
         raise NotImplementedError
 

@@ -314,3 +314,15 @@ def test_misfit_after_a_rejected_trial_is_the_accepted_points():
     assert energy.pde_solves == solves + 1  # the trial's forward solve, no re-solve
     flow.destroy()
     energy.destroy()
+
+
+@pytest.mark.parametrize("kind", ["H1", "L2"])
+def test_metric_block_product_equals_column_products(kind):
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 10, 10)
+    u = nf.NeuralField(msh, nf.MLP(2, 4))
+    metric = nf.H1(u, alpha=1.0, beta=0.01) if kind == "H1" else nf.L2(u)
+    W = np.random.default_rng(3 + MPI.COMM_WORLD.rank).standard_normal((u.local_size, 5))
+    block = metric.apply_block(W)
+    cols = np.column_stack([metric.apply(W[:, j]) for j in range(5)])
+    np.testing.assert_allclose(block, cols, rtol=0, atol=1e-14)
+    metric.destroy()
