@@ -140,3 +140,25 @@ def save_plot(fig, path: str | os.PathLike) -> None:
     from nngf_fem.io import _save_png
 
     _save_png(fig, path)
+
+
+def smooth_truth(x):
+    """The coefficient every inversion benchmark recovers (as the flagship demo).
+
+    ``exp(0.5 sin(2 pi x) sin(pi y) - 0.4 exp(-|x - (0.3, 0.7)|^2 / 0.02))`` for a UFL
+    ``SpatialCoordinate`` ``x``: a smooth bump and a localized dip.
+    """
+    import ufl
+
+    return ufl.exp(0.5 * ufl.sin(2 * ufl.pi * x[0]) * ufl.sin(ufl.pi * x[1])
+                   - 0.4 * ufl.exp(-((x[0] - 0.3) ** 2 + (x[1] - 0.7) ** 2) / 0.02))
+
+
+def zero_boundary_condition(V):
+    """``y = 0`` on the whole boundary of ``V``'s (2D) mesh."""
+    from dolfinx import fem, mesh
+
+    msh = V.mesh
+    msh.topology.create_connectivity(1, 2)
+    facets = mesh.exterior_facet_indices(msh.topology)
+    return fem.dirichletbc(0.0, fem.locate_dofs_topological(V, 1, facets), V)

@@ -16,6 +16,8 @@ import ufl
 from dolfinx import fem, mesh
 from mpi4py import MPI
 
+from _common import smooth_truth, zero_boundary_condition
+
 
 @dataclass
 class DarcyProblem:
@@ -38,16 +40,13 @@ def darcy(comm: MPI.Comm, n: int, width: int = 16, depth: int = 1, noise: float 
     """Build the problem on an ``n x n`` P1 mesh with a ``width``-neuron network."""
     msh = mesh.create_unit_square(comm, n, n)
     x = ufl.SpatialCoordinate(msh)
-    k_true_expr = ufl.exp(0.5 * ufl.sin(2 * ufl.pi * x[0]) * ufl.sin(ufl.pi * x[1])
-                          - 0.4 * ufl.exp(-((x[0] - 0.3) ** 2 + (x[1] - 0.7) ** 2) / 0.02))
+    k_true_expr = smooth_truth(x)
     torch.manual_seed(seed)
     k = nf.NeuralField(msh, nf.MLP(2, width=width, depth=depth), transform="exp", name="k")
     V = fem.functionspace(msh, ("Lagrange", 1))
     y, v = fem.Function(V, name="y"), ufl.TestFunction(V)
     F = ufl.inner(k.ufl * ufl.grad(y), ufl.grad(v)) * ufl.dx - 10.0 * v * ufl.dx
-    msh.topology.create_connectivity(1, 2)
-    bc = fem.dirichletbc(0.0, fem.locate_dofs_topological(
-        V, 1, mesh.exterior_facet_indices(msh.topology)), V)
+    bc = zero_boundary_condition(V)
     k_true = fem.Function(k.space, name="k_true")
     k_true.interpolate(fem.Expression(k_true_expr, k.space.element.interpolation_points))
     pre = nf.PDEConstrainedEnergy(F, y, [bc], control=k, misfit=0.5 * y**2 * ufl.dx)

@@ -65,7 +65,15 @@ import ufl
 from dolfinx import fem, mesh
 from mpi4py import MPI
 
-from _common import RESULTS, median, print_table, save_plot, write_json
+from _common import (
+    RESULTS,
+    median,
+    print_table,
+    save_plot,
+    smooth_truth,
+    write_json,
+    zero_boundary_condition,
+)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--n", type=int, default=32, help="cells per side")
@@ -148,12 +156,9 @@ class Problem:
     def __init__(self, n: int):
         self.msh = mesh.create_unit_square(comm, n, n)
         x = ufl.SpatialCoordinate(self.msh)
-        self.k_true = ufl.exp(0.5 * ufl.sin(2 * ufl.pi * x[0]) * ufl.sin(ufl.pi * x[1])
-                              - 0.4 * ufl.exp(-((x[0] - 0.3) ** 2 + (x[1] - 0.7) ** 2) / 0.02))
+        self.k_true = smooth_truth(x)
         self.V = fem.functionspace(self.msh, ("Lagrange", 1))
-        self.msh.topology.create_connectivity(1, 2)
-        facets = mesh.exterior_facet_indices(self.msh.topology)
-        self.bc = fem.dirichletbc(0.0, fem.locate_dofs_topological(self.V, 1, facets), self.V)
+        self.bc = zero_boundary_condition(self.V)
         probe = nf.FEControl(self.V, transform="identity")  # k_true in P1, as every method
         kt = fem.Function(probe.space)
         kt.interpolate(fem.Expression(self.k_true, probe.space.element.interpolation_points))

@@ -41,7 +41,14 @@ import ufl
 from dolfinx import fem, mesh
 from mpi4py import MPI
 
-from _common import RESULTS, median, print_table, write_json
+from _common import (
+    RESULTS,
+    median,
+    print_table,
+    smooth_truth,
+    write_json,
+    zero_boundary_condition,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAMILIES = ("square", "lshape", "nonlinear")
@@ -90,12 +97,9 @@ class Problem:
             self.dx_obs = ufl.dx
         self.nonlinear = family == "nonlinear"
         x = ufl.SpatialCoordinate(self.msh)
-        self.k_true = ufl.exp(0.5 * ufl.sin(2 * ufl.pi * x[0]) * ufl.sin(ufl.pi * x[1])
-                              - 0.4 * ufl.exp(-((x[0] - 0.3) ** 2 + (x[1] - 0.7) ** 2) / 0.02))
+        self.k_true = smooth_truth(x)
         self.V = fem.functionspace(self.msh, ("Lagrange", 1))
-        self.msh.topology.create_connectivity(1, 2)
-        facets = mesh.exterior_facet_indices(self.msh.topology)
-        self.bc = fem.dirichletbc(0.0, fem.locate_dofs_topological(self.V, 1, facets), self.V)
+        self.bc = zero_boundary_condition(self.V)
         probe = nf.FEControl(self.V, transform="identity")
         kt = fem.Function(probe.space)
         kt.interpolate(fem.Expression(self.k_true, probe.space.element.interpolation_points))

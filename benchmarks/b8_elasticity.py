@@ -42,7 +42,7 @@ import ufl
 from dolfinx import fem, mesh
 from mpi4py import MPI
 
-from _common import RESULTS, median, print_table, write_json
+from _common import RESULTS, median, print_table, smooth_truth, write_json
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--n", type=int, default=32, help="cells per side")
@@ -82,8 +82,7 @@ class Problem:
     def __init__(self, n: int):
         self.msh = mesh.create_unit_square(comm, n, n)
         x = ufl.SpatialCoordinate(self.msh)
-        self.E_true = ufl.exp(0.5 * ufl.sin(2 * ufl.pi * x[0]) * ufl.sin(ufl.pi * x[1])
-                              - 0.4 * ufl.exp(-((x[0] - 0.3) ** 2 + (x[1] - 0.7) ** 2) / 0.02))
+        self.E_true = smooth_truth(x)
         self.V = fem.functionspace(self.msh, ("Lagrange", 1, (2,)))
         self.Q = fem.functionspace(self.msh, ("Lagrange", 1))
         fdim = self.msh.topology.dim - 1
