@@ -102,7 +102,16 @@ class PointObservations:
 
         Follow with a reverse (ADD) ghost update.
         """
+        self.add_weighted_rows(self.evaluate(y) - self.data, local_array)
+
+    def add_weighted_rows(self, values: np.ndarray, local_array: np.ndarray) -> None:
+        """Add ``-sum_i w_i values_i phi_j(x_i)`` into a local (ghosted) array.
+
+        ``values`` has shape ``(N, bs)`` (all points, identical on all ranks): with the
+        residuals ``y(x_i) - d_i`` this is the adjoint right-hand side, with ``dy(x_i)``
+        the action of the misfit's Hessian. Follow with a reverse (ADD) ghost update.
+        """
         bs = self.bs
-        r = (self.evaluate(y) - self.data)[self._idx] * self.weights[self._idx, None]
+        r = np.asarray(values)[self._idx] * self.weights[self._idx, None]
         for k in range(bs):
             np.add.at(local_array, self._rows * bs + k, -self._phi * r[:, k : k + 1])

@@ -94,16 +94,6 @@ def _solve_inputs(F, bcs, exclude) -> list:
     return out
 
 
-def _add_point_hessian(obs: PointObservations, dy: fem.Function, local_array: np.ndarray) -> None:
-    """Add ``-sum_i w_i dy(x_i) phi_j(x_i)`` (the point misfit's Hessian) into a local array."""
-    zero = np.zeros_like(obs.data)
-    data, obs.data = obs.data, zero
-    try:
-        obs.add_adjoint_rhs(dy, local_array)
-    finally:
-        obs.data = data
-
-
 def _name(f: fem.Function, role: str) -> str:
     """``'y'`` for a named Function; DOLFINx's default name ``f`` becomes the role."""
     return f"'{f.name}'" if f.name and f.name != "f" else f"(the {role} Function)"
@@ -221,6 +211,8 @@ class PDEConstrainedEnergy(EnergyFunctional):
         self._adj_inputs = _solve_inputs(misfit, [], exclude=(state, control.ufl))
         if regs:
             self._adj_inputs += _solve_inputs(R, [], exclude=(state, control.ufl))
+        self._adj_inputs.append(lambda: np.zeros(0) if self.observations is None
+                                else self.observations.data.copy())
         self._derivative_for: tuple | None = None
         self._derivative: np.ndarray | None = None
         # PETSc objects
@@ -419,31 +411,15 @@ class PDEConstrainedEnergy(EnergyFunctional):
         self.solve_forward()
         t0 = time.perf_counter()
         self.counters["adjoint"] += 1
-        reuse = self._factorization_reusable()
-        self._assemble_adjoint_operator(reuse)
-        with self._b.localForm() as loc:
-            loc.set(0.0)
-        assemble_vector(self._b, self._dD)
-        if self.observations is not None:
-            with self._b.localForm() as loc:
-                self.observations.add_adjoint_rhs(self.y, loc.array)
-        self._b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
-        set_bc(self._b, self.bcs, alpha=0.0)
-        if reuse:
-            self._fwd.ksp.solveTranspose(self._b, self.p.x.petsc_vec)
-            reason = self._fwd.ksp.getConvergedReason()
-            raise_on_any(self.comm, reason <= 0,
-                         f"adjoint solve with the forward factorization failed (reason {reason})",
-                         SolverError)
-        else:
-            self._adj.solve(self._b, self.p.x.petsc_vec)
-        self.counters["back_substitutions"] += 1
-        self.p.x.scatter_forward()
+        obs = self.observations
+        self._jacobian_solve(self._dD, self.p, adjoint=True,
+                             extra=None if obs is None else
+                             (lambda arr: obs.add_adjoint_rhs(self.y, arr)))
         self.timings["adjoint"] += time.perf_counter() - t0
 
-    def _assemble_adjoint_operator(self, reuse: bool) -> None:
+    def _assemble_adjoint_operator(self) -> None:
         """Assemble ``(dF/dy)^*`` at the current state unless it is there already."""
-        if reuse or self._same(self._adj_for, self._solved_for):
+        if self._same(self._adj_for, self._solved_for):
             return
         self._Aadj.zeroEntries()
         assemble_matrix(self._Aadj, self._Jadj, bcs=self.bcs)
@@ -481,12 +457,7 @@ class PDEConstrainedEnergy(EnergyFunctional):
             raise ValueError(f"dk must have shape {self._rows.shape}, got {dk.shape}")
         self.solve_forward()
         self.k.write(dk, self.k_inc)
-        self._rhs(self._rhs_tangent)
-        ksp, transpose = self._jacobian_solver()
-        (ksp.solveTranspose if transpose else ksp.solve)(self._b, self.y_inc.x.petsc_vec)
-        self._check_ksp(ksp, "incremental forward solve")
-        self.y_inc.x.scatter_forward()
-        self.counters["back_substitutions"] += 1
+        self._jacobian_solve(self._rhs_tangent, self.y_inc, adjoint=False)
         return self.y_inc
 
     def incremental_adjoint(self) -> fem.Function:
@@ -494,18 +465,12 @@ class PDEConstrainedEnergy(EnergyFunctional):
 
         Returns the Function :attr:`p_inc` (overwritten by the next call).
         """
+        obs = self.observations
         extra = None
-        if self.observations is not None:
-            obs = self.observations
-
+        if obs is not None:  # the point misfit's Hessian: the weighted rows of dy(x_i)
             def extra(arr):
-                _add_point_hessian(obs, self.y_inc, arr)
-        self._rhs(self._rhs_inc_adj, extra)
-        ksp, transpose = self._jacobian_solver()
-        (ksp.solve if transpose else ksp.solveTranspose)(self._b, self.p_inc.x.petsc_vec)
-        self._check_ksp(ksp, "incremental adjoint solve")
-        self.p_inc.x.scatter_forward()
-        self.counters["back_substitutions"] += 1
+                obs.add_weighted_rows(obs.evaluate(self.y_inc), arr)
+        self._jacobian_solve(self._rhs_inc_adj, self.p_inc, adjoint=True, extra=extra)
         return self.p_inc
 
     def gauss_newton_product(self, dk: np.ndarray) -> np.ndarray:
@@ -520,22 +485,32 @@ class PDEConstrainedEnergy(EnergyFunctional):
         self.incremental_forward(dk)
         self.incremental_adjoint()
         self.counters["incremental"] += 1
+        return self._assemble_dual(self._hk)
+
+    def _assemble_dual(self, form) -> np.ndarray:
+        """Assemble a linear form on the control's space; its owned rows (ghosts added)."""
         self._dkvec.array[:] = 0.0
-        fem.assemble_vector(self._dkvec.array, self._hk)
+        fem.assemble_vector(self._dkvec.array, form)
         self._dkvec.scatter_reverse(la.InsertMode.add)
         return self._dkvec.array[self._rows].copy()
 
-    def _jacobian_solver(self) -> tuple[PETSc.KSP, bool]:
-        """A KSP holding ``dF/dy`` at the current state: (ksp, solves with its transpose)."""
-        if self._fwd_op_valid and self._factorization_reusable():
-            return self._fwd.ksp, False
-        self._assemble_adjoint_operator(False)
-        return self._adj.ksp, True
+    def _jacobian_solve(self, rhs_form, out: fem.Function, adjoint: bool, extra=None) -> None:
+        """Solve with ``dF/dy`` (``adjoint``: its transpose) at the current state into ``out``.
 
-    def _check_ksp(self, ksp: PETSc.KSP, what: str) -> None:
-        reason = ksp.getConvergedReason()
-        raise_on_any(self.comm, reason <= 0, f"{what} failed (PETSc reason {reason})",
-                     SolverError)
+        The right-hand side is ``rhs_form`` (plus ``extra(local_array)``) with homogeneous
+        Dirichlet rows. The factorization used is the forward one for a linear problem
+        with a direct solver (:meth:`_factorization_reusable`), else that of
+        ``(dF/dy)^*`` assembled at the current state -- used transposed as needed.
+        """
+        self._rhs(rhs_form, extra)
+        if self._factorization_reusable():
+            solver, holds_transpose = self._fwd, False
+        else:
+            self._assemble_adjoint_operator()
+            solver, holds_transpose = self._adj, True
+        solver.solve(self._b, out.x.petsc_vec, transpose=holds_transpose != adjoint)
+        self.counters["back_substitutions"] += 1
+        out.x.scatter_forward()
 
     # ------------------------------------------------------- interface
     def value(self) -> float:
@@ -584,10 +559,7 @@ class PDEConstrainedEnergy(EnergyFunctional):
         if self._derivative is not None and self._same(self._derivative_for, key):
             return self._derivative.copy()
         self.solve_adjoint()
-        self._dkvec.array[:] = 0.0
-        fem.assemble_vector(self._dkvec.array, self._dk)
-        self._dkvec.scatter_reverse(la.InsertMode.add)
-        self._derivative = self._dkvec.array[self._rows].copy()
+        self._derivative = self._assemble_dual(self._dk)
         self._derivative_for = key
         return self._derivative.copy()
 

@@ -165,15 +165,15 @@ class KrylovSolver:
         self.reason = 0
         self.converged = True
 
-    def solve(self, b: PETSc.Vec, x: PETSc.Vec) -> int:
-        """Solve into ``x``; returns the number of iterations.
+    def solve(self, b: PETSc.Vec, x: PETSc.Vec, transpose: bool = False) -> int:
+        """Solve ``A x = b`` (``A^T x = b`` with ``transpose``); returns the iterations.
 
         Raises:
             SolverError: if the solve diverged and ``raise_on_failure`` is set.
         """
         with pushed_options(self.prefix, self.options) as db:  # set-up options (PCSetUp)
             try:
-                self.ksp.solve(b, x)
+                (self.ksp.solveTranspose if transpose else self.ksp.solve)(b, x)
             finally:
                 if self._unchecked is not None:
                     _warn_unused(self.prefix, _unused(db, self.prefix, self._unchecked))

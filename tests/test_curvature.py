@@ -326,3 +326,18 @@ def test_metric_block_product_equals_column_products(kind):
     cols = np.column_stack([metric.apply(W[:, j]) for j in range(5)])
     np.testing.assert_allclose(block, cols, rtol=0, atol=1e-14)
     metric.destroy()
+
+
+def test_derivative_cache_sees_point_data_changed_in_place():
+    k, energy = darcy(width=3, points=True)
+    energy.value()
+    d1 = energy.derivative()
+    adjoints = energy.counters["adjoint"]
+    assert np.array_equal(energy.derivative(), d1)  # cached: no new adjoint solve
+    assert energy.counters["adjoint"] == adjoints
+    energy.observations.data[:] += 1.0
+    d2 = energy.derivative()
+    assert energy.counters["adjoint"] == adjoints + 1
+    diff = MPI.COMM_WORLD.allreduce(float(np.sum(np.abs(d2 - d1))))
+    assert diff > 0
+    energy.destroy()
