@@ -393,10 +393,8 @@ class NaturalGradientFlow:
                     "curvature": self.curvature})
         rec["t_pde"] = rec.get("t_pde", 0.0) + t_pde
         rec["t_total"] = time.perf_counter() - tstart
-        counters = getattr(self.energy, "counters", {})
-        if "forward" in counters:
-            rec["pde_solves"] = (counters["forward"] + counters["adjoint"]
-                                 + counters.get("incremental", 0))
+        if hasattr(self.energy, "pde_solves"):
+            rec["pde_solves"] = self.energy.pde_solves
         self.history.append(rec)
         self.iteration += 1
         rec["stalled"] = not rec["accepted"] and (
@@ -409,16 +407,41 @@ class NaturalGradientFlow:
         self._evaluate()  # the state and misfit of the accepted point, not of a trial
         self._energy = E0
 
-    def _rejected(self, theta0: np.ndarray, E0: float, why: str) -> dict[str, Any]:
+    def _reject(self, theta0: np.ndarray, E0: float) -> None:
+        """A step found no acceptable trial: back to ``theta0``, damp the next one more."""
         self._restore(theta0, E0)
-        eps_used = self.eps
         self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
+
+    def _rejected(self, theta0: np.ndarray, E0: float, why: str) -> dict[str, Any]:
+        eps_used = self.eps
+        self._reject(theta0, E0)
         if self.lam is not None:
             self.lam *= 10.0
         self._tau_next = None
         return {"energy": E0, "step": 0.0, "eps": eps_used, "rho": math.nan,
                 "accepted": False, "backtracks": 0, "bd": math.nan, "failure": why,
                 "gnorm": math.nan, "alignment": math.nan, "ksp_its": 0, "ksp_reason": 0}
+
+    def _armijo(self, theta0, E0, d, bd, tau, shrink) -> tuple[bool, float, int, float]:
+        """Backtracking from ``tau`` along ``d`` until Armijo's condition holds.
+
+        A finite trial above the tangent line is followed by the minimizer of the
+        interpolating parabola (within ``[0.1 tau, backtrack tau]``); otherwise ``tau``
+        shrinks by ``shrink`` (by at least 10x after a non-finite trial). Returns
+        ``(accepted, E at the last trial, backtracks, tau)``.
+        """
+        accepted, E1, n_bt = False, E0, 0
+        for n_bt in range(self.max_backtracks + 1):  # noqa: B007
+            E1 = self._trial(theta0 + tau * d)
+            if math.isfinite(E1) and E1 <= E0 + self.armijo * tau * bd and E1 < E0:
+                accepted = True
+                break
+            if math.isfinite(E1) and E1 > E0 + bd * tau:  # quadratic interpolation
+                tq = -bd * tau**2 / (2.0 * (E1 - E0 - bd * tau))
+                tau = min(max(tq, 0.1 * tau), self.backtrack * tau)
+            else:
+                tau *= shrink if math.isfinite(E1) else min(shrink, 0.1)
+        return accepted, E1, n_bt, tau
 
     def _accept(self, E1: float, E0: float, pred: float) -> bool:
         """Sufficient decrease against the predicted decrease (``pred > 0``)."""
@@ -443,16 +466,7 @@ class NaturalGradientFlow:
         tau = min(tau, self.max_step)
         accepted, E1, n_bt = False, E0, 0
         if bd < 0:
-            for n_bt in range(self.max_backtracks + 1):  # noqa: B007
-                E1 = self._trial(theta0 + tau * d)
-                if math.isfinite(E1) and E1 <= E0 + self.armijo * tau * bd and E1 < E0:
-                    accepted = True
-                    break
-                if math.isfinite(E1) and E1 > E0 + bd * tau:  # quadratic interpolation
-                    tq = -bd * tau**2 / (2.0 * (E1 - E0 - bd * tau))
-                    tau = min(max(tq, 0.1 * tau), self.backtrack * tau)
-                else:
-                    tau *= min(self.backtrack, 0.1) if not math.isfinite(E1) else self.backtrack
+            accepted, E1, n_bt, tau = self._armijo(theta0, E0, d, bd, tau, self.backtrack)
         t_ls = time.perf_counter() - t0
         eps_used = self.eps
         rho = math.nan
@@ -477,9 +491,8 @@ class NaturalGradientFlow:
                 elif rho < 0.25 and tau <= unit:
                     self.eps = min(max(self.eps, self.eps_min) * 2.0, self.eps_max)
         else:
-            self._restore(theta0, E0)
+            self._reject(theta0, E0)
             E1 = E0
-            self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
             self.tau = self.max_step if not self._gn_energy else 1.0
             self._tau_next = None
         return {"energy": E1, "step": tau if accepted else 0.0, "eps": eps_used, "rho": rho,
@@ -529,25 +542,14 @@ class NaturalGradientFlow:
             tau = -bd / curv if curv > 0 else 1.0
         else:
             tau = 1.0
-        accepted, E1, n_bt = False, E0, 0
-        for n_bt in range(self.max_backtracks + 1):  # noqa: B007
-            E1 = self._trial(theta0 + tau * d)
-            if math.isfinite(E1) and E1 <= E0 + self.armijo * tau * bd and E1 < E0:
-                accepted = True
-                break
-            if math.isfinite(E1) and E1 > E0 + bd * tau:
-                tq = -bd * tau**2 / (2.0 * (E1 - E0 - bd * tau))
-                tau = min(max(tq, 0.1 * tau), self.backtrack * tau)
-            else:
-                tau *= 0.1
+        accepted, E1, n_bt, tau = self._armijo(theta0, E0, d, bd, tau, 0.1)
         t_ls = time.perf_counter() - t0
         if accepted:
             self._energy = E1
         else:
-            self._restore(theta0, E0)
+            self._reject(theta0, E0)
             E1 = E0
             mem["pairs"] = []
-            self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
         return {"energy": E1, "step": tau if accepted else 0.0, "eps": self.eps,
                 "rho": math.nan, "accepted": accepted, "backtracks": n_bt, "bd": bd,
                 "lbfgs_pairs": len(mem["pairs"]), "t_pde": t_ls}
@@ -583,9 +585,8 @@ class NaturalGradientFlow:
             self.lam = min(max(self.lam * max(1.0 / 3.0, 1.0 - (2.0 * min(rho, 1.0) - 1.0) ** 3),
                                1e-12), LAMBDA_MAX)
         else:
-            self._restore(theta0, E0)
+            self._reject(theta0, E0)
             E1 = E0
-            self.eps = min(max(self.eps, 1e-12) * 10.0, self.eps_max)
         return accepted, E1, n_bt, lam_used, rho
 
     def _projected_step(self, theta0, E0, info) -> dict[str, Any]:
@@ -655,9 +656,9 @@ class NaturalGradientFlow:
             self._b0norm = bnorm
         if self.lam is None:  # scale-free start: GN curvature relative to the damping
             v = -hg.solve(b, 1.0, delta)
-            _, Gv = sub.rayleigh(v)
-            self.lam = max(float(v @ Gv) / max(float(v @ hg.apply(v)) + delta * float(v @ v),
-                                               1e-300), 1e-12)
+            Gv, Hv = sub.product(v)
+            self.lam = max(float(v @ Gv) / max(float(v @ Hv) + delta * float(v @ v), 1e-300),
+                           1e-12)
         rtol = min(self.cg_forcing, math.sqrt(bnorm / max(self._b0norm, 1e-300)))
         max_cg = self.max_cg or min(self.field.num_params, 30)
         cg = sub.cg(self.lam, self.lam * delta + eps, rtol, max_cg)
