@@ -300,11 +300,12 @@ def gather_p1(f: fem.Function) -> tuple[np.ndarray, np.ndarray, np.ndarray] | No
     return P, np.vstack([c for *_, c in data]), U
 
 
-def plot_history(path: str | os.PathLike, history: Sequence[dict], comm: MPI.Comm,
-                 extra: Sequence[str] = ()) -> None:
-    """PNG with energy, alignment, network size (and ``extra`` columns) vs iteration.
+def _plot_on_root(comm: MPI.Comm, path: str | os.PathLike, ncols: int,
+                  size: tuple[float, float], draw) -> None:
+    """A row of ``ncols`` panels drawn by ``draw(fig, axes)`` on rank 0, saved atomically.
 
-    Expansions (history entries with a ``kind``) are marked by vertical lines.
+    Collective: a failure raises ``OSError`` naming ``path`` on every rank (see
+    :func:`~nngf_fem.mpi.run_on_root`).
     """
     def work() -> None:
         import matplotlib
@@ -312,23 +313,9 @@ def plot_history(path: str | os.PathLike, history: Sequence[dict], comm: MPI.Com
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        steps = [h for h in history if h.get("kind") is None]
-        exps = [h for h in history if h.get("kind") is not None]
-        cols = [("energy", "energy", True), ("alignment", "alignment cos(alpha)", False),
-                ("n_params", "parameters", False)] + [(c, c, True) for c in extra]
-        fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4))
+        fig, axes = plt.subplots(1, ncols, figsize=(size[0] * ncols, size[1]))
         try:
-            it = [h["iteration"] for h in steps]
-            for ax, (key, label, log) in zip(np.atleast_1d(axes), cols, strict=True):
-                y = [h.get(key, np.nan) for h in steps]
-                ax.plot(it, y, "-", lw=1.5)
-                if log and all((v or 0) > 0 for v in y if v == v):
-                    ax.set_yscale("log")
-                for e in exps:
-                    ax.axvline(e["iteration"], color="tab:red", lw=0.8, ls="--")
-                ax.set_xlabel("iteration")
-                ax.set_title(label)
-                ax.grid(alpha=0.3)
+            draw(fig, np.atleast_1d(axes))
             fig.tight_layout()
         except BaseException:
             plt.close(fig)
@@ -336,6 +323,33 @@ def plot_history(path: str | os.PathLike, history: Sequence[dict], comm: MPI.Com
         _save_png(fig, path)
 
     run_on_root(comm, work, f"cannot write plot {path}")
+
+
+def plot_history(path: str | os.PathLike, history: Sequence[dict], comm: MPI.Comm,
+                 extra: Sequence[str] = ()) -> None:
+    """PNG with energy, alignment, network size (and ``extra`` columns) vs iteration.
+
+    Expansions (history entries with a ``kind``) are marked by vertical lines.
+    """
+    steps = [h for h in history if h.get("kind") is None]
+    exps = [h for h in history if h.get("kind") is not None]
+    cols = [("energy", "energy", True), ("alignment", "alignment cos(alpha)", False),
+            ("n_params", "parameters", False)] + [(c, c, True) for c in extra]
+
+    def draw(fig, axes) -> None:
+        it = [h["iteration"] for h in steps]
+        for ax, (key, label, log) in zip(axes, cols, strict=True):
+            y = [h.get(key, np.nan) for h in steps]
+            ax.plot(it, y, "-", lw=1.5)
+            if log and all((v or 0) > 0 for v in y if v == v):
+                ax.set_yscale("log")
+            for e in exps:
+                ax.axvline(e["iteration"], color="tab:red", lw=0.8, ls="--")
+            ax.set_xlabel("iteration")
+            ax.set_title(label)
+            ax.grid(alpha=0.3)
+
+    _plot_on_root(comm, path, len(cols), (4.2, 3.4), draw)
 
 
 def plot_fields(path: str | os.PathLike, fields: Sequence[tuple[str, fem.Function]],
@@ -344,27 +358,16 @@ def plot_fields(path: str | os.PathLike, fields: Sequence[tuple[str, fem.Functio
     comm = fields[0][1].function_space.mesh.comm
     gathered = [(title, gather_p1(f)) for title, f in fields]
 
-    def work() -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    def draw(fig, axes) -> None:
         from matplotlib.tri import Triangulation
 
         vmin = min(g[2].min() for _, g in gathered) if same_scale else None
         vmax = max(g[2].max() for _, g in gathered) if same_scale else None
-        fig, axes = plt.subplots(1, len(gathered), figsize=(4.3 * len(gathered), 3.8))
-        try:
-            for ax, (title, (P, T, U)) in zip(np.atleast_1d(axes), gathered, strict=True):
-                tc = ax.tripcolor(Triangulation(P[:, 0], P[:, 1], T), U, shading="gouraud",
-                                  vmin=vmin, vmax=vmax, cmap="viridis")
-                ax.set_aspect("equal")
-                ax.set_title(title)
-                fig.colorbar(tc, ax=ax, shrink=0.85)
-            fig.tight_layout()
-        except BaseException:
-            plt.close(fig)
-            raise
-        _save_png(fig, path)
+        for ax, (title, (P, T, U)) in zip(axes, gathered, strict=True):
+            tc = ax.tripcolor(Triangulation(P[:, 0], P[:, 1], T), U, shading="gouraud",
+                              vmin=vmin, vmax=vmax, cmap="viridis")
+            ax.set_aspect("equal")
+            ax.set_title(title)
+            fig.colorbar(tc, ax=ax, shrink=0.85)
 
-    run_on_root(comm, work, f"cannot write plot {path}")
+    _plot_on_root(comm, path, len(fields), (4.3, 3.8), draw)
