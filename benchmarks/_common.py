@@ -162,3 +162,23 @@ def zero_boundary_condition(V):
     msh.topology.create_connectivity(1, 2)
     facets = mesh.exterior_facet_indices(msh.topology)
     return fem.dirichletbc(0.0, fem.locate_dofs_topological(V, 1, facets), V)
+
+
+def flow_summary(flow, result) -> dict:
+    """Diagnostics of a natural-gradient run for the JSON.
+
+    Growth, rejections, damping, CG products, alignment, and the seconds spent inside
+    the steps by part.
+    """
+    steps = [h for h in flow.history if h.get("kind") is None]
+    return {"reason": result.reason, "curvature": flow.curvature,
+            "expansions": len(flow.expansions),
+            "expansion_iterations": [e["iteration"] for e in flow.expansions],
+            "rejected_steps": sum(not h["accepted"] for h in steps),
+            "lambda": [h.get("lambda") for h in steps],
+            "cg_its": [h.get("cg_its") for h in steps],
+            "alignment": [h.get("alignment") for h in steps],
+            # seconds inside the flow's steps by part (expansions are outside steps)
+            "time_split": {key: sum(h.get(key, 0.0) for h in steps)
+                           for key in ("t_total", "t_pde", "t_riesz", "t_ng", "t_sketch",
+                                       "t_network")}}

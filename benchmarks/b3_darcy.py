@@ -69,6 +69,7 @@ from _common import (
     RESULTS,
     median,
     print_table,
+    flow_summary,
     save_plot,
     smooth_truth,
     write_json,
@@ -240,23 +241,10 @@ def run_ng(problem: Problem, width: int, iterations: int, expand: bool,
     rec.record()
 
     def monitor(fl, r):
-        # a rejected step restores the parameters without re-evaluating the energy:
-        # the misfit is the previous one (energy.misfit_value() is the rejected trial's)
-        return rec.record(misfit=None if r["accepted"] else rec.rows[-1]["misfit"])
+        return rec.record()
 
     result = flow.run(iterations, callback=monitor)
-    steps = [h for h in flow.history if h.get("kind") is None]
-    rec.extra = {"expansions": len(flow.expansions), "final_params": k.num_params,
-                 "expansion_iterations": [e["iteration"] for e in flow.expansions],
-                 "rejected_steps": sum(not h["accepted"] for h in steps),
-                 "reason": result.reason, "curvature": flow.curvature,
-                 "lambda": [h.get("lambda") for h in steps],
-                 "cg_its": [h.get("cg_its") for h in steps],
-                 "alignment": [h.get("alignment") for h in steps],
-                 # seconds inside the flow's steps by part (expansions are outside steps)
-                 "time_split": {key: sum(h.get(key, 0.0) for h in steps)
-                                for key in ("t_total", "t_pde", "t_riesz", "t_ng",
-                                            "t_sketch", "t_network")}}
+    rec.extra = {**flow_summary(flow, result), "final_params": k.num_params}
     flow.destroy()
     metric.destroy()
     energy.destroy()

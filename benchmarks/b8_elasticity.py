@@ -42,7 +42,7 @@ import ufl
 from dolfinx import fem, mesh
 from mpi4py import MPI
 
-from _common import RESULTS, median, print_table, smooth_truth, write_json
+from _common import RESULTS, flow_summary, median, print_table, smooth_truth, write_json
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--n", type=int, default=32, help="cells per side")
@@ -177,22 +177,10 @@ def run_ng(problem: Problem, method: str, target: float) -> Recorder:
     rec.record()
 
     def monitor(fl, r):
-        # a rejected step restores the parameters without re-evaluating the energy
-        return rec.record(misfit=None if r["accepted"] else rec.rows[-1]["misfit"])
+        return rec.record()
 
     result = flow.run(args.ng_iterations, callback=monitor)
-    steps = [h for h in flow.history if h.get("kind") is None]
-    rec.extra = {"reason": result.reason, "curvature": flow.curvature,
-                 "expansions": len(flow.expansions),
-                 "expansion_iterations": [e["iteration"] for e in flow.expansions],
-                 "rejected_steps": sum(not h["accepted"] for h in steps),
-                 "lambda": [h.get("lambda") for h in steps],
-                 "cg_its": [h.get("cg_its") for h in steps],
-                 "alignment": [h.get("alignment") for h in steps],
-                 # seconds inside the flow's steps by part (expansions are outside steps)
-                 "time_split": {key: sum(h.get(key, 0.0) for h in steps)
-                                for key in ("t_total", "t_pde", "t_riesz", "t_ng",
-                                            "t_sketch", "t_network")}}
+    rec.extra = flow_summary(flow, result)
     flow.destroy()
     metric.destroy()
     energy.destroy()
