@@ -708,8 +708,8 @@ class NaturalGradientFlow:
         else:
             raise ValueError(f"kind={kind!r} is not known; allowed: 'width', 'depth'")
         sync = getattr(field, "broadcast_parameters", None)
-        if callable(sync):
-            sync()
+        if callable(sync):  # identical parameters on all ranks by construction
+            sync(update=False)
         field.update()
         change = float(np.max(np.abs(field.values() - vals0), initial=0.0))
         change = self.comm.allreduce(change, op=MPI.MAX)
