@@ -49,8 +49,8 @@ if [[ ! -x "$VENV/bin/python" ]] || ! ok_python "$VENV/bin/python"; then
     "$PY" -m venv "$VENV"
 fi
 
-echo "setup: installing nngf_fem[fem,test,demo] into $VENV (first run downloads ~4 GB: torch + DOLFINx)"
+echo "setup: installing nngf_fem[fem,test,demo,docs] into $VENV (first run downloads ~4 GB: torch + DOLFINx)"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e ".[fem,test,demo]"
+"$VENV/bin/python" -m pip install -q -e ".[fem,test,demo,docs]"
 "$VENV/bin/python" -c "import nngf_fem, dolfinx, torch; print('setup: nngf_fem', nngf_fem.__version__, '| dolfinx', dolfinx.__version__, '| torch', torch.__version__)"
 echo "$want" > "$STAMP"
