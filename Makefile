@@ -5,7 +5,7 @@ MPIRUN := $(VENV)/bin/mpiexec
 NP     ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-serial test-mpi lint bench clean
+.PHONY: setup demo test test-serial test-mpi lint bench docs clean
 
 setup:
 	@bash scripts/setup.sh
@@ -38,6 +38,10 @@ bench: setup
 	$(PY) benchmarks/b6_network_size.py --repeats 3
 	$(PY) benchmarks/b7_robust.py
 	$(PY) benchmarks/b8_elasticity.py
+
+# the documentation site (Sphinx, warnings are errors): open docs/_build/html/index.html
+docs: setup
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 lint: setup
 	$(VENV)/bin/ruff check nngf_fem tests demos examples benchmarks
