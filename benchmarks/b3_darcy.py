@@ -281,11 +281,8 @@ def run_fe(problem: Problem, iterations: int, euclidean: bool = False,
     k = fe_control(problem)
     energy = problem.energy(k)
     if euclidean:  # J0 = I on the nodal values: a textbook L-BFGS, blind to the metric
-        eye = nf.fe_inversion.h1_matrix(k.space)
-        eye.zeroEntries()
-        eye.shift(1.0)
-        solver = nf.TaoSolver(energy, metric=eye, petsc_options_prefix="b3_tao_eucl_",
-                              riesz_options={"ksp_type": "cg", "pc_type": "jacobi"})
+        eye = nf.Euclidean(k)
+        solver = nf.TaoSolver(energy, metric=eye, petsc_options_prefix="b3_tao_eucl_")
     else:
         solver = nf.TaoSolver(energy, alpha=1.0, beta=args.length_scale**2,
                               petsc_options_prefix="b3_tao_")

@@ -39,8 +39,9 @@ from nngf_fem.parametric import (
 )
 from nngf_fem.pde import PDEConstrainedEnergy, Tikhonov, add_noise, discrepancy_stop
 from nngf_fem.taylor import TaylorResult, taylor_test
-from nngf_fem.fe_inversion import FEControl, GaussNewtonCG, TaoSolver, fe_taylor_test
-from nngf_fem import io, meshes
+from nngf_fem.classical import FEControl, GaussNewtonCG, TaoSolver, fe_taylor_test
+from nngf_fem import classical, control, io, meshes
+from nngf_fem.control import Control, FunctionControl, NetworkControl
 
 _auto_install()  # MPI runs: an uncaught exception on one rank aborts all (no hang)
 
@@ -85,6 +86,11 @@ __all__ = [
     "SolverError",
     "TorchOptimizerFlow",
     "baselines",
+    "classical",
+    "control",
+    "Control",
+    "FunctionControl",
+    "NetworkControl",
     "gram",
     "install_excepthook",
     "io",

@@ -6,6 +6,7 @@ Records share the keys of :class:`~nngf_fem.flow.NaturalGradientFlow` histories.
 """
 
 from nngf_fem._validate import as_int, as_real
+from nngf_fem.control import NetworkControl, require
 from nngf_fem.energies import EnergyFunctional
 from nngf_fem.errors import FlowDivergedError
 from nngf_fem.flow import FlowResult
@@ -37,6 +38,7 @@ class TorchOptimizerFlow:
     def __init__(self, energy: EnergyFunctional, optimizer: str | type = "adam", **options: Any):
         if not isinstance(energy, EnergyFunctional):
             raise TypeError(f"energy must be an EnergyFunctional, got {type(energy).__name__}")
+        require(energy.field, NetworkControl, "TorchOptimizerFlow")
         self.energy, self.field, self.comm = energy, energy.field, energy.field.comm
         params = list(self.field.module.parameters())
         for key in ("lr", "max_eval", "max_iter", "history_size"):

@@ -2,7 +2,9 @@
 
 Every energy has the same small interface, used by the flows:
 
-* ``field`` -- the :class:`~nngf_fem.field.NeuralField` it depends on;
+* ``field`` -- the control it depends on (a :class:`~nngf_fem.control.Control`: a
+  :class:`~nngf_fem.field.NeuralField`, :class:`~nngf_fem.parametric.ParametricField` or
+  :class:`~nngf_fem.classical.FEControl`);
 * ``value()`` -- ``E`` at the field's current values (identical on all ranks);
 * ``derivative()`` -- the dual vector ``e_j = E'(u)[phi_j]`` on the field's owned rows
   (``phi_j`` the basis of ``Q_h``, or the quadrature-point unit functions);
@@ -13,8 +15,9 @@ Every energy has the same small interface, used by the flows:
 """
 
 from nngf_fem._validate import as_int, as_real
-from nngf_fem.field import NeuralField
+from nngf_fem.control import Control, FunctionControl, require
 from nngf_fem.mpi import raise_on_any
+from nngf_fem.observations import PointObservations
 
 from collections.abc import Callable
 
@@ -29,13 +32,8 @@ __all__ = ["EnergyFunctional", "FunctionalEnergy", "PointRegressionEnergy", "Reg
 class EnergyFunctional:
     """Base class of energies of one neural field (see module docstring)."""
 
-    def __init__(self, field: NeuralField):
-        from nngf_fem.fe_inversion import FEControl
-        from nngf_fem.parametric import ParametricField
-
-        if not isinstance(field, NeuralField | ParametricField | FEControl):
-            raise TypeError("field must be a NeuralField, ParametricField or FEControl, got "
-                            f"{type(field).__name__}")
+    def __init__(self, field: Control):
+        require(field, Control, type(self).__name__)
         self.field = field
         self.comm = field.comm
         self.counters = {"value": 0, "derivative": 0}
@@ -52,7 +50,7 @@ class EnergyFunctional:
         """Release PETSc objects (none by default)."""
 
 
-def _measure(field: NeuralField, quadrature_degree: int | None):
+def _measure(field: FunctionControl, quadrature_degree: int | None):
     if field.representation == "quadrature":
         return ufl.dx(metadata={"quadrature_degree": field.quadrature_degree})
     if quadrature_degree is None:
@@ -68,7 +66,8 @@ class FunctionalEnergy(EnergyFunctional):
         functional: a UFL form of rank 0 containing ``field.ufl``.
     """
 
-    def __init__(self, field: NeuralField, functional: ufl.Form):
+    def __init__(self, field: FunctionControl, functional: ufl.Form):
+        require(field, FunctionControl, type(self).__name__)
         super().__init__(field)
         if not isinstance(functional, ufl.Form):
             raise TypeError("functional must be a UFL form, an integral such as "
@@ -76,12 +75,12 @@ class FunctionalEnergy(EnergyFunctional):
         if functional.arguments():
             raise ValueError(f"functional must be a scalar (rank-0) form; it has "
                              f"{len(functional.arguments())} Test/TrialFunction argument(s)")
-        if field.function not in ufl.algorithms.extract_coefficients(functional):
+        if field.ufl not in ufl.algorithms.extract_coefficients(functional):
             raise ValueError("the energy functional does not contain the field (field.ufl)")
         self.functional = functional
         self._E = fem.form(functional)
         v = ufl.TestFunction(field.space)
-        self._dE = fem.form(ufl.derivative(functional, field.function, v))
+        self._dE = fem.form(ufl.derivative(functional, field.ufl, v))
         self._b = la.vector(field.space.dofmap.index_map, field.space.dofmap.index_map_bs)
         self._rows = field.owned_rows()
 
@@ -111,8 +110,9 @@ class RegressionEnergy(FunctionalEnergy):
         quadrature_degree: quadrature degree of the energy (default: estimated).
     """
 
-    def __init__(self, field: NeuralField, target, norm: str = "L2", alpha: float = 1.0,
+    def __init__(self, field: FunctionControl, target, norm: str = "L2", alpha: float = 1.0,
                  beta: float = 1.0, quadrature_degree: int | None = None):
+        require(field, FunctionControl, type(self).__name__)
         if norm not in ("L2", "H1"):
             raise ValueError(f"norm={norm!r} is not known; allowed: 'L2', 'H1'")
         alpha = as_real("alpha", alpha, minimum=0)
@@ -155,7 +155,8 @@ class RitzEnergy(FunctionalEnergy):
         l: callable ``v -> ufl`` linear form.
     """
 
-    def __init__(self, field: NeuralField, a: Callable, l: Callable):  # noqa: E741
+    def __init__(self, field: FunctionControl, a: Callable, l: Callable):  # noqa: E741
+        require(field, FunctionControl, type(self).__name__)
         for name, fn, sig in (("a", a, "(u, v) -> form"), ("l", l, "v -> form")):
             if not callable(fn):
                 raise TypeError(f"RitzEnergy: {name} must be a callable {sig}, got "
@@ -177,9 +178,8 @@ class PointRegressionEnergy(EnergyFunctional):
         weights: optional positive weights.
     """
 
-    def __init__(self, field: NeuralField, points, values, weights=None):
-        from nngf_fem.observations import PointObservations
-
+    def __init__(self, field: FunctionControl, points, values, weights=None):
+        require(field, FunctionControl, type(self).__name__)
         super().__init__(field)
         if field.representation != "fe":
             raise ValueError("point regression needs representation='fe'")
@@ -190,13 +190,13 @@ class PointRegressionEnergy(EnergyFunctional):
     def value(self) -> float:
         """``1/2 sum_i w_i |u_h(x_i) - f_i|^2``."""
         self.counters["value"] += 1
-        return self.observations.misfit(self.field.function)
+        return self.observations.misfit(self.field.ufl)
 
     def derivative(self) -> np.ndarray:
         """``sum_i w_i (u_h(x_i) - f_i) phi_j(x_i)`` on the owned rows."""
         self.counters["derivative"] += 1
         self._b.array[:] = 0.0
-        self.observations.add_adjoint_rhs(self.field.function, self._b.array)
+        self.observations.add_adjoint_rhs(self.field.ufl, self._b.array)
         self._b.array[:] *= -1.0
         self._b.scatter_reverse(la.InsertMode.add)
         return self._b.array[self._rows].copy()

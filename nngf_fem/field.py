@@ -25,6 +25,8 @@ Flat parameter vectors follow ``module.named_parameters()`` order, each tensor
 flattened row-major (``torch.nn.utils.parameters_to_vector`` order).
 """
 
+from nngf_fem.meshes import check_mesh
+from nngf_fem.metrics import H1
 from nngf_fem.mpi import allreduce_sum, raise_on_any
 
 import numbers
@@ -243,8 +245,6 @@ class NeuralField:
             raise TypeError(f"domain must be a dolfinx Mesh or FunctionSpace, got {type(domain)}")
         self.comm: MPI.Comm = self.mesh.comm
         if not getattr(self.mesh, "_nngf_fem_checked", False):  # NaN coordinates, flat cells
-            from nngf_fem.meshes import check_mesh
-
             check_mesh(self.mesh, source="the field's mesh")
             try:
                 self.mesh._nngf_fem_checked = True
@@ -556,6 +556,10 @@ class NeuralField:
         return k0
 
     # ------------------------------------------------------------ parallel
+    def default_metric(self) -> H1:
+        """The metric a flow uses when given none: ``H1(self)`` (alpha = beta = 1)."""
+        return H1(self)
+
     def broadcast_parameters(self, root: int = 0, update: bool = True) -> float:
         """Copy the module's parameters and buffers from rank ``root`` to all ranks.
 
@@ -801,6 +805,10 @@ class NeuralField:
 
         vals = self.post(self._net(params, x), x, offset=o if self.has_offset else None)
         return vals, vmap(jacrev(single))(x, x, o, g)
+
+    def network_inputs(self) -> torch.Tensor:
+        """The network's input rows at the owned points, ``(n_points, gdim + n_mu)``."""
+        return self._inputs(self._torch_points())
 
     def output_sensitivity(self) -> np.ndarray:
         """``du/dN`` at the owned points, shape ``(n_points, m)`` (chain rule of ``post``)."""

@@ -30,6 +30,8 @@ mimics ``torch.optim.Optimizer``: :meth:`step`, :meth:`state_dict`,
 :meth:`load_state_dict`, plus :meth:`run` with stopping rules and a history.
 """
 
+from nngf_fem.checkpoint import save_checkpoint
+from nngf_fem.control import NetworkControl, require
 from nngf_fem.curvature import (
     FunctionSpaceGaussNewton,
     GaussNewtonSubspace,
@@ -39,7 +41,8 @@ from nngf_fem.curvature import (
 from nngf_fem.energies import EnergyFunctional
 from nngf_fem.errors import FlowDivergedError, SolverError
 from nngf_fem.gram import NaturalGradientSolver
-from nngf_fem.metrics import H1, Metric
+from nngf_fem.metrics import Metric
+from nngf_fem.models import expand_depth, expand_width
 from nngf_fem.mpi import raise_on_any
 
 import math
@@ -96,8 +99,11 @@ class NaturalGradientFlow:
 
     Args:
         energy: the energy (regression, Ritz, PDE-constrained ...).
-        metric: metric ``A_H`` on the energy's field (default ``H1(field)``); this is
-            both the Gram metric and the metric of the Hilbert gradient.
+        metric: metric ``A_H`` on the energy's field (default
+            ``field.default_metric()``: ``H1(field)`` for a
+            :class:`~nngf_fem.field.NeuralField`, the product ``H1`` metric for a
+            :class:`~nngf_fem.parametric.ParametricField`); this is both the Gram metric
+            and the metric of the Hilbert gradient.
         curvature: ``"auto"`` (default: for energies with a ``gauss_newton_product``,
             i.e. PDE-constrained energies, ``"projected"`` with a FE-representation
             metric and ``"gauss-newton"`` otherwise; ``"none"`` for other energies),
@@ -205,15 +211,13 @@ class NaturalGradientFlow:
                                           and callable(getattr(expansion, "propose", None))):
             raise TypeError("expansion must be an ExpansionPolicy (should_expand/propose), "
                             f"got {type(expansion).__name__}")
+        require(energy.field, NetworkControl, "NaturalGradientFlow")
         self.energy = energy
         self.field = energy.field
         self.comm = self.field.comm
         self._own_metric = metric is None
         if metric is None:
-            from nngf_fem.parametric import ParametricField, ProductMetric
-
-            is_param = isinstance(self.field, ParametricField)
-            metric = ProductMetric(self.field) if is_param else H1(self.field)
+            metric = self.field.default_metric()
         self.metric = metric
         if self.metric.field is not self.field:
             raise ValueError("the metric is defined on a different field than the energy")
@@ -696,8 +700,6 @@ class NaturalGradientFlow:
         The represented function is unchanged; caches that depend on the parameter
         space (energy, Nystrom sketch, Gauss-Newton damping scale) are reset.
         """
-        from nngf_fem.expansion import expand_depth, expand_width
-
         field, module = self.field, self.field.module
         p0 = field.num_params
         vals0 = field.values()
@@ -753,8 +755,6 @@ class NaturalGradientFlow:
         ``checkpoint`` a file is written atomically every ``checkpoint_every``
         iterations and at the end (see :mod:`nngf_fem.checkpoint`).
         """
-        from nngf_fem.checkpoint import save_checkpoint
-
         if not isinstance(max_iter, int | np.integer) or isinstance(max_iter, bool) \
                 or max_iter < 0:
             raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")

@@ -1,7 +1,8 @@
 """Hilbert metrics on a neural field's representation, with exact Riesz maps.
 
-A metric ``<u, v>_H = u^T A_H v`` acts on the owned values of a
-:class:`~nngf_fem.field.NeuralField` (flat numpy arrays, one entry per owned row):
+A metric ``<u, v>_H = u^T A_H v`` acts on the owned values of a control (any
+:class:`~nngf_fem.control.FunctionControl`: a :class:`~nngf_fem.field.NeuralField` or a
+:class:`~nngf_fem.classical.FEControl`; flat numpy arrays, one entry per owned row):
 
 ==============  ==========================================  =============================
 metric          FE representation (``Q_h``)                 quadrature representation
@@ -19,7 +20,7 @@ gradient ``g = R_H e``) with a PETSc KSP (default CG + GAMG; pass
 """
 
 from nngf_fem._validate import as_int, as_real
-from nngf_fem.field import NeuralField
+from nngf_fem.control import FunctionControl, require
 from nngf_fem.solvers import KrylovSolver
 
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +40,7 @@ RIESZ_DEFAULTS = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-12, "ksp_a
 
 
 class Metric:
-    """Base class: an inner product on the owned values of a neural field.
+    """Base class: an inner product on the owned values of a control.
 
     Args:
         field: the field whose representation the metric acts on.
@@ -53,13 +54,12 @@ class Metric:
 
     def __init__(
         self,
-        field: NeuralField,
+        field: FunctionControl,
         *,
         petsc_options_prefix: str = "nngf_riesz_",
         petsc_options: Mapping[str, Any] | None = None,
     ):
-        if not isinstance(field, NeuralField):
-            raise TypeError(f"field must be a NeuralField, got {type(field).__name__}")
+        require(field, FunctionControl, type(self).__name__)
         self.field = field
         self.comm = field.comm
         self.prefix = petsc_options_prefix
@@ -67,6 +67,7 @@ class Metric:
         self.A: PETSc.Mat | None = None
         self._solver: KrylovSolver | None = None
         self._x = self._b = None
+        self._diag: PETSc.Mat | None = None
         self.riesz_iterations = 0
 
     # ------------------------------------------------------------ FE helpers
@@ -122,6 +123,35 @@ class Metric:
         Y.destroy()
         return out
 
+    def petsc_matrix(self) -> PETSc.Mat:
+        """``A_H`` as a PETSc matrix on the owned rows (owned by the metric: do not destroy).
+
+        The assembled matrix of a FE metric; for a diagonal metric (quadrature weights,
+        :class:`Euclidean`) a diagonal matrix, made once. Used, e.g., as the initial
+        quasi-Newton matrix of :class:`~nngf_fem.classical.TaoSolver`.
+
+        Raises:
+            ValueError: the metric has x-derivative rows (a quadrature ``H1``).
+        """
+        if self.is_fe:
+            return self.A
+        if self.rows_per_value != 1:
+            raise ValueError(f"{type(self).__name__} on a quadrature field has x-derivative "
+                             "rows: it has no matrix on the values")
+        if self._diag is None:
+            w = self._quadrature_weights()
+            n = w.size
+            N = self.comm.allreduce(n)
+            D = PETSc.Mat().createAIJ(((n, N), (n, N)), nnz=(1, 0), comm=self.comm)
+            D.setUp()
+            d = D.createVecRight()
+            d.array_w[:] = w
+            D.setDiagonal(d)
+            D.assemble()
+            d.destroy()
+            self._diag = D
+        return self._diag
+
     def _quadrature_weights(self) -> np.ndarray:
         raise NotImplementedError
 
@@ -176,10 +206,10 @@ class Metric:
         for obj in (self._solver,):
             if obj is not None:
                 obj.destroy()
-        for obj in (self.A, self._x, self._b):
+        for obj in (self.A, self._x, self._b, self._diag):
             if obj is not None:
                 obj.destroy()
-        self._solver = self.A = self._x = self._b = None
+        self._solver = self.A = self._x = self._b = self._diag = None
 
     def __del__(self):
         try:
@@ -191,11 +221,11 @@ class Metric:
         return f"{type(self).__name__}({self.field.representation})"
 
 
-def _trial_test(field: NeuralField):
+def _trial_test(field: FunctionControl):
     return ufl.TrialFunction(field.space), ufl.TestFunction(field.space)
 
 
-def _eval_at_quadrature(field: NeuralField, expr) -> np.ndarray:
+def _eval_at_quadrature(field: FunctionControl, expr) -> np.ndarray:
     """Owned quadrature-point values of a scalar UFL expression."""
     tdim = field.mesh.topology.dim
     cells = np.arange(field.mesh.topology.index_map(tdim).size_local, dtype=np.int32)
@@ -216,7 +246,7 @@ class L2(Metric):
 
     name = "L2"
 
-    def __init__(self, field: NeuralField, weight=None, *,
+    def __init__(self, field: FunctionControl, weight=None, *,
                  petsc_options_prefix: str = "nngf_riesz_",
                  petsc_options: Mapping[str, Any] | None = None):
         super().__init__(field, petsc_options_prefix=petsc_options_prefix,
@@ -252,7 +282,7 @@ class H1(Metric):
     name = "H1"
     with_grad = True
 
-    def __init__(self, field: NeuralField, alpha: float = 1.0, beta: float = 1.0, *,
+    def __init__(self, field: FunctionControl, alpha: float = 1.0, beta: float = 1.0, *,
                  riesz_degree: int = 2,
                  petsc_options_prefix: str = "nngf_riesz_",
                  petsc_options: Mapping[str, Any] | None = None):
@@ -336,7 +366,7 @@ class EnergyNorm(Metric):
     name = "energy"
     with_grad = True
 
-    def __init__(self, field: NeuralField, a: Callable | None = None,
+    def __init__(self, field: FunctionControl, a: Callable | None = None,
                  bcs: Sequence[fem.DirichletBC] = (), *,
                  petsc_options_prefix: str = "nngf_riesz_",
                  petsc_options: Mapping[str, Any] | None = None):
@@ -363,7 +393,8 @@ class EnergyNorm(Metric):
         )
 
 
-def H1Seminorm(field: NeuralField, bcs: Sequence[fem.DirichletBC] = (), **kwargs) -> "EnergyNorm":  # noqa: N802
+def H1Seminorm(field: FunctionControl, bcs: Sequence[fem.DirichletBC] = (),  # noqa: N802
+               **kwargs) -> "EnergyNorm":
     """The H1_0 seminorm ``int grad u : grad v dx`` (an :class:`EnergyNorm` metric)."""
     return EnergyNorm(field, None, bcs, **kwargs)
 
@@ -373,7 +404,7 @@ class Euclidean(Metric):
 
     name = "euclidean"
 
-    def __init__(self, field: NeuralField, **kwargs):
+    def __init__(self, field: FunctionControl, **kwargs):
         super().__init__(field, **kwargs)
         self._w = np.ones(field.local_size)
 

@@ -1,6 +1,7 @@
 """Float64 networks that support function-preserving growth.
 
-Growth protocol (see :mod:`nngf_fem.expansion`): a growable module exposes
+Growth protocol (:func:`expand_width`, :func:`expand_depth`; the flow's growth step
+:meth:`~nngf_fem.flow.NaturalGradientFlow.grow` calls them): a growable module exposes
 
 * ``hidden_layers`` -- the list of ``nn.Linear`` layers whose outputs are hidden
   activations, and ``output_layer`` -- the final ``nn.Linear``;
@@ -17,10 +18,11 @@ grown by the library.
 
 from nngf_fem._validate import as_int
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["MLP", "ResMLP", "ResidualBlock", "get_activation"]
+__all__ = ["MLP", "ResMLP", "ResidualBlock", "expand_depth", "expand_width", "get_activation"]
 
 _ACTIVATIONS = {
     "tanh": torch.tanh,
@@ -176,3 +178,64 @@ class ResMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluate at points ``x`` of shape ``(n, in_dim)``."""
         return self.output_layer(self.features(x, 1))
+
+
+def expand_width(module: nn.Module, layer: int, W: np.ndarray, beta: np.ndarray) -> None:
+    """Add neurons ``(W, beta)`` to hidden layer ``layer`` with zero outgoing weights (in place).
+
+    The module must follow the growth protocol of this module (see the module docstring).
+    """
+    old = module.hidden_layers[layer]
+    k = W.shape[0]
+    dtype = old.weight.dtype
+    new = nn.Linear(old.in_features, old.out_features + k, dtype=dtype)
+    nxt_old = (module.hidden_layers[layer + 1] if layer + 1 < len(module.hidden_layers)
+               else module.output_layer)
+    nxt = nn.Linear(nxt_old.in_features + k, nxt_old.out_features, dtype=dtype,
+                    bias=nxt_old.bias is not None)
+    with torch.no_grad():
+        new.weight[: old.out_features] = old.weight
+        new.bias[: old.out_features] = old.bias
+        new.weight[old.out_features :] = torch.from_numpy(W)
+        new.bias[old.out_features :] = torch.from_numpy(beta)
+        nxt.weight.zero_()
+        nxt.weight[:, : nxt_old.in_features] = nxt_old.weight
+        if nxt_old.bias is not None:
+            nxt.bias.copy_(nxt_old.bias)
+    module.hidden_layers[layer] = new
+    if layer + 1 < len(module.hidden_layers):
+        module.hidden_layers[layer + 1] = nxt
+        return
+    module.output_layer = nxt
+    # residual blocks after the last hidden layer: new stream components pass through
+    for block in getattr(module, "blocks", []):
+        inner, outer = block.inner, block.outer
+        new_inner = nn.Linear(inner.in_features + k, inner.out_features, dtype=dtype)
+        new_outer = nn.Linear(outer.in_features, outer.out_features + k, bias=False, dtype=dtype)
+        with torch.no_grad():
+            new_inner.weight.zero_()
+            new_inner.weight[:, : inner.in_features] = inner.weight
+            new_inner.bias.copy_(inner.bias)
+            new_outer.weight.zero_()
+            new_outer.weight[: outer.out_features] = outer.weight
+        block.inner, block.outer = new_inner, new_outer
+
+
+def expand_depth(module: nn.Module, W: np.ndarray, beta: np.ndarray) -> None:
+    """Append an identity-initialized residual block ``h + V s(W h + beta)``, ``V = 0``.
+
+    ``W`` has shape ``(k, d)`` with ``d`` the width of the output layer's input.
+    """
+    if not hasattr(module, "blocks"):
+        raise TypeError(f"{type(module).__name__} has no 'blocks' list: depth growth unsupported")
+    dim = module.output_layer.in_features
+    k = W.shape[0]
+    if W.shape != (k, dim):
+        raise ValueError(f"W must have shape (k, {dim}), got {W.shape}")
+    dtype = module.output_layer.weight.dtype
+    block = ResidualBlock(dim, k, module.activation, dtype)
+    with torch.no_grad():
+        block.inner.weight.copy_(torch.from_numpy(W))
+        block.inner.bias.copy_(torch.from_numpy(beta))
+        block.outer.weight.zero_()
+    module.blocks.append(block)

@@ -139,6 +139,10 @@ class ParametricField:
         return self.samples[0].initial_kind
 
     # --------------------------------------------------------- parameters
+    def default_metric(self) -> "ProductMetric":
+        """The metric a flow uses when given none: ``ProductMetric(self)`` (H1 per sample)."""
+        return ProductMetric(self)
+
     def broadcast_parameters(self, root: int = 0, update: bool = True) -> float:
         """Copy the module's parameters and buffers from rank ``root`` (collective).
 
@@ -172,6 +176,10 @@ class ParametricField:
     # --------------------------------------------------------- evaluation
     def _torch_points(self) -> torch.Tensor:
         return self._points
+
+    def network_inputs(self) -> torch.Tensor:
+        """The network's input rows ``(x, mu_i)`` of all samples (stacked), ``(S n, d)``."""
+        return self._inputs(self._points)
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != self._mu_rows.shape[0]:

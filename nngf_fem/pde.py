@@ -2,7 +2,8 @@
 
 The state ``y(k)`` solves ``F(y, k; v) = 0`` for all test functions ``v`` (any UFL
 residual: linear or nonlinear, scalar or vector, with Dirichlet conditions); the
-unknown coefficient ``k`` is a :class:`~nngf_fem.field.NeuralField`. The reduced
+unknown coefficient ``k`` is a :class:`~nngf_fem.control.FunctionControl` (a
+:class:`~nngf_fem.field.NeuralField` or a :class:`~nngf_fem.classical.FEControl`). The reduced
 energy is ``E(k) = D(y(k)) + R(k)``. With the Lagrangian ``L = D + R + F(y, k; p)``:
 
 * forward: Newton on ``F`` (one step for linear problems), PETSc KSP by prefix;
@@ -13,9 +14,9 @@ energy is ``E(k) = D(y(k)) + R(k)``. With the Lagrangian ``L = D + R + F(y, k; p
 All forms come from ``ufl.derivative`` / ``ufl.adjoint`` of the user's ``F``.
 """
 
+from nngf_fem.control import FunctionControl, require
 from nngf_fem.energies import EnergyFunctional
 from nngf_fem.errors import SolverError
-from nngf_fem.field import NeuralField
 from nngf_fem.mpi import raise_on_any
 from nngf_fem.observations import PointObservations
 from nngf_fem.solvers import KrylovSolver
@@ -107,7 +108,8 @@ class PDEConstrainedEnergy(EnergyFunctional):
         state: the state Function ``y`` appearing in ``F`` (its values are the initial
             Newton guess and are updated by every forward solve).
         bcs: Dirichlet conditions of the state.
-        control: the unknown coefficient, a NeuralField whose ``.ufl`` appears in ``F``.
+        control: the unknown coefficient, a :class:`~nngf_fem.control.FunctionControl` (a
+            NeuralField or an FEControl) whose ``.ufl`` appears in ``F``.
         misfit: data misfit ``D(y)``, a UFL form of rank 0 (full field, subdomain via
             ``ufl.dx(tag)``, boundary via ``ufl.ds``).
         observations: point observations of the state, added to the misfit.
@@ -132,7 +134,7 @@ class PDEConstrainedEnergy(EnergyFunctional):
         state: fem.Function,
         bcs: Sequence[fem.DirichletBC] = (),
         *,
-        control: NeuralField,
+        control: FunctionControl,
         misfit: ufl.Form | None = None,
         observations: PointObservations | None = None,
         regularization: Any = None,
@@ -144,6 +146,7 @@ class PDEConstrainedEnergy(EnergyFunctional):
         reuse_factorization: bool = True,
         check_singular: bool = True,
     ):
+        require(control, FunctionControl, "PDEConstrainedEnergy")
         super().__init__(control)
         if misfit is None and observations is None:
             raise ValueError("give a misfit form, point observations, or both")
@@ -255,7 +258,7 @@ class PDEConstrainedEnergy(EnergyFunctional):
         if state not in coeffs:
             raise ValueError(f"the state {_name(state, 'Function')} does not appear in F")
         if control.ufl not in coeffs:
-            raise ValueError(f"the control {_name(control.function, 'Function')} does not "
+            raise ValueError(f"the control {_name(control.ufl, 'Function')} does not "
                              "appear in F")
         if F.arguments()[0].ufl_function_space() != state.function_space:
             raise ValueError("the test function of F is not on the state's function space")
@@ -286,7 +289,7 @@ class PDEConstrainedEnergy(EnergyFunctional):
 
     def _key(self) -> tuple:
         """What the state depends on: control values and the other inputs of ``F``."""
-        return (self.k.function.x.array.copy(), *(f() for f in self._inputs))
+        return (self.k.ufl.x.array.copy(), *(f() for f in self._inputs))
 
     @staticmethod
     def _same(a: tuple | None, b: tuple) -> bool:
@@ -377,7 +380,7 @@ class PDEConstrainedEnergy(EnergyFunctional):
             self._A.zeroEntries()
             assemble_matrix(self._A, self._J, bcs=self.bcs)
             self._A.assemble()
-            self._A_for = self.k.function.x.array.copy() if self.linear else None
+            self._A_for = self.k.ufl.x.array.copy() if self.linear else None
             self._fwd.ksp.setOperators(self._A)
             self._fwd.solve(self._b, self._dx)
             self.counters["factorizations"] += int(direct)
@@ -396,7 +399,7 @@ class PDEConstrainedEnergy(EnergyFunctional):
         """The forward KSP holds a direct factorization of ``dF/dy`` at the current control."""
         if not (self.reuse_factorization and self.linear and self._A_for is not None
                 and self._fwd_op_valid
-                and np.array_equal(self._A_for, self.k.function.x.array)):
+                and np.array_equal(self._A_for, self.k.ufl.x.array)):
             return False
         ksp = self._fwd.ksp
         return ksp.getType() == "preonly" and ksp.getPC().getType() in ("lu", "cholesky")
@@ -530,11 +533,11 @@ class PDEConstrainedEnergy(EnergyFunctional):
     def describe_value(self) -> str:
         """The parts of the last :meth:`value` (for messages about non-finite energies)."""
         ymax = self.comm.allreduce(float(np.max(np.abs(self.y.x.array), initial=0.0)), op=MPI.MAX)
-        kv = self.k.function.x.array
+        kv = self.k.ufl.x.array
         kmin = self.comm.allreduce(float(np.min(kv, initial=np.inf)), op=MPI.MIN)
         kmax = self.comm.allreduce(float(np.max(kv, initial=-np.inf)), op=MPI.MAX)
         return (f"misfit {self._last_misfit:.3e}, regularization {self._last_regularization:.3e}, "
-                f"max |state| {ymax:.3e}, control {_name(self.k.function, 'control')} in "
+                f"max |state| {ymax:.3e}, control {_name(self.k.ufl, 'control')} in "
                 f"[{kmin:.3e}, {kmax:.3e}]")
 
     @property
@@ -582,7 +585,7 @@ def synthetic_state(energy: PDEConstrainedEnergy, k_true: fem.Function) -> fem.F
         raise ValueError("k_true must be a Function on the control's space (control.space)")
     raise_on_any(energy.comm, not np.all(np.isfinite(k_true.x.array)),
                  f"k_true '{k_true.name}' contains NaN/Inf values")
-    k.function.x.array[:] = k_true.x.array
+    k.ufl.x.array[:] = k_true.x.array
     try:
         energy.solve_forward()
         y = fem.Function(energy.y.function_space, name=f"{energy.y.name}_true")

@@ -203,10 +203,14 @@ def test_bad_input_raises_on_all_ranks():
         nf.FEControl(fem.functionspace(k.mesh, ("N1curl", 1)))
     with pytest.raises(ValueError, match="transform='log' is not known"):
         nf.FEControl(k.mesh, transform="log")
-    wrong = nf.fe_inversion.h1_matrix(other.function_space)
-    with pytest.raises(ValueError, match="metric has local size"):
+    wrong = nf.H1(nf.FEControl(other.function_space))
+    with pytest.raises(ValueError, match="metric is defined on another control"):
         nf.TaoSolver(energy, metric=wrong)
+    with pytest.raises(ValueError, match="metric is defined on another control"):
+        nf.GaussNewtonCG(energy, metric=wrong)
     wrong.destroy()
+    with pytest.raises(TypeError, match="metric must be an nngf_fem Metric"):
+        nf.TaoSolver(energy, metric=np.eye(3))
     with pytest.raises(ValueError, match="max_iter"):
         solver = nf.TaoSolver(energy)
         try:
