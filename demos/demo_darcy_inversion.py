@@ -1,15 +1,18 @@
 # # Darcy coefficient identification with a natural neural gradient flow
 #
-# -div(k grad y) = f on the unit square, y = 0 on the boundary. The unknown
-# permeability k = exp(N_theta(x)) is a tanh network on the mesh; full-field state
-# data carry 1% Gaussian noise. The reduced energy
-# E(k) = 1/2 ||y(k) - y_obs||^2 / ||y_obs||^2 + alpha/2 ||k - 1||_H1^2
-# has its exact derivative from one adjoint solve. The network starts at k = 1 (the
-# default start of transform="exp"). The flow is the Gauss-Newton natural gradient:
+# Recover the permeability $k$ in $-\nabla \cdot (k \nabla y) = f$ on the unit square,
+# $y = 0$ on the boundary, from full-field state data with 1% Gaussian noise. The
+# unknown $k = \exp(N_\theta(x))$ is a tanh network on the mesh. The reduced energy
+#
+# $$E(k) = \frac{1}{2} \frac{\|y(k) - y_\text{obs}\|^2}{\|y_\text{obs}\|^2}
+#        + \frac{\alpha}{2} \|k - 1\|_{H^1}^2$$
+#
+# has its exact derivative from one adjoint solve. The network starts at $k = 1$ (the
+# default start of `transform="exp"`). The flow is the Gauss-Newton natural gradient:
 # Levenberg-Marquardt in the network's tangent space with the misfit's Gauss-Newton
-# metric, damped by the Gram matrix J^T (M + l^2 K) J of the H1 metric (l a length
-# scale, default 0.1); --curvature none gives the paper's first-order flow. With
-# --expand the network starts from 2 neurons and grows when the mean alignment is low
+# metric, damped by the Gram matrix $J^T (M + l^2 K) J$ of the $H^1$ metric ($l$ a length
+# scale, default 0.1); `--curvature none` gives the paper's first-order flow. With
+# `--expand` the network starts from 2 neurons and grows when the mean alignment is low
 # or the misfit stalls. The run stops at Morozov's noise level (1.1 x).
 #
 #     mpirun -n 2 python demos/demo_darcy_inversion.py --expand
@@ -58,6 +61,12 @@ parser.add_argument("--resume", action="store_true")
 parser.add_argument("--quiet", action="store_true")
 args = parser.parse_args()
 
+# ## Mesh and the true coefficient
+#
+# The unit square, or a gmsh mesh with physical markers (`--mesh`); with `--observe-tag`
+# the state is observed only on the cells of that tag (the measure `dx_obs`). The truth
+# is a smooth field with a localized dip of width 0.1.
+
 comm = MPI.COMM_WORLD
 if args.observe_tag is not None and not args.mesh:
     parser.error("--observe-tag needs --mesh (a gmsh mesh with cell tags)")
@@ -73,6 +82,13 @@ dx_obs = (ufl.Measure("dx", domain=msh, subdomain_data=cell_tags)(args.observe_t
 x = ufl.SpatialCoordinate(msh)
 k_true_expr = ufl.exp(0.5 * ufl.sin(2 * ufl.pi * x[0]) * ufl.sin(ufl.pi * x[1])
                       - 0.4 * ufl.exp(-((x[0] - 0.3) ** 2 + (x[1] - 0.7) ** 2) / 0.02))
+
+# ## The network and the state equation
+#
+# `nf.NeuralField` puts the network on the mesh: `k.ufl` is a `fem.Function` that goes
+# into any UFL form, here the residual $F(y, k; v)$ of the state equation, written as for
+# any FEniCSx problem. Seeding torch makes the run reproducible; the parameters are
+# identical on all ranks in any case (broadcast from rank 0).
 
 torch.manual_seed(args.seed)
 width = 2 if args.expand else args.width
@@ -93,10 +109,17 @@ msh.topology.create_connectivity(1, 2)
 bc = fem.dirichletbc(0.0, fem.locate_dofs_topological(V, 1, mesh.exterior_facet_indices(
     msh.topology)), V)
 
-# synthetic data: solve with the true coefficient, add noise (partition independent)
+# ## Synthetic data
+#
+# Solve the state equation with the true coefficient (interpolated into the control's
+# space) and add Gaussian noise of standard deviation `noise` x max|y| with `nf.add_noise`
+# (the same noisy data on any number of ranks). The misfit is normalized by
+# $\|y_\text{obs}\|^2$; `noise_misfit`, the misfit of the noisy data at the clean state,
+# is the noise level of Morozov's discrepancy principle.
+
 k_true = fem.Function(k.space, name="k_true")
 k_true.interpolate(fem.Expression(k_true_expr, k.space.element.interpolation_points))
-# synthetic data: solve with the true coefficient (in k's space), add partition-independent noise
+# a throwaway energy on the same forms solves the state for k_true
 energy = nf.PDEConstrainedEnergy(residual(k.ufl), y, [bc], control=k,
                                  misfit=0.5 * y**2 * ufl.dx)  # misfit replaced below
 y_clean = nf.pde.synthetic_state(energy, k_true)
@@ -107,6 +130,12 @@ scale = 1.0 / comm.allreduce(fem.assemble_scalar(fem.form(y_obs**2 * dx_obs)))
 noise_misfit = 0.5 * scale * comm.allreduce(
     fem.assemble_scalar(fem.form((y_obs - y_clean) ** 2 * dx_obs)))
 y.x.array[:] = 0.0
+
+# ## Energy, metric and flow
+#
+# `nf.PDEConstrainedEnergy` derives the forward (Newton), adjoint and Gauss-Newton solves
+# from the UFL forms. The metric $\|k\|^2 + l^2 \|\nabla k\|^2$ is `nf.H1(k, alpha=1,
+# beta=l**2)`; with `--expand` an `nf.ExpansionPolicy` lets the flow grow the network.
 
 energy = nf.PDEConstrainedEnergy(residual(k.ufl), y, [bc], control=k,
                                  misfit=0.5 * scale * (y - y_obs) ** 2 * dx_obs,
@@ -120,6 +149,13 @@ flow = nf.NaturalGradientFlow(energy, metric, curvature=args.curvature, expansio
                               **({} if args.eps is None else {"eps": args.eps}))
 flow.checkpoint_meta.update({"demo": "darcy_inversion", "n": args.n, "mesh": args.mesh,
                              "nonlinear": args.nonlinear})
+
+# ## Monitoring and the stop at the noise level
+#
+# The callback receives each step's record (see the documentation's page on run
+# records), adds the error of $k$ and the misfit to it, and stops the run when the misfit
+# is below `--morozov` times the noise level (the stop is decided on all ranks together;
+# `nf.discrepancy_stop` is the same rule as a ready-made callback).
 
 err_form = fem.form((k.ufl - k_true_expr) ** 2 * ufl.dx)
 k_norm = np.sqrt(comm.allreduce(fem.assemble_scalar(fem.form(k_true_expr**2 * ufl.dx))))
@@ -151,6 +187,12 @@ def monitor(fl, rec):
     # Morozov's discrepancy principle: stop at the noise level (decided on all ranks)
     return args.morozov > 0 and rec["misfit"] <= args.morozov * noise_misfit
 
+
+# ## Run and outputs
+#
+# `flow.run` writes a checkpoint every `--checkpoint-every` iterations (`--resume`
+# continues from it). The history goes to `history.{json,csv,png}`, the fields to
+# `fields.bp` (ParaView) and `coefficient.png`.
 
 flow.run(args.iterations, callback=monitor, checkpoint=str(ckpt),
          checkpoint_every=args.checkpoint_every, progress=not args.quiet)

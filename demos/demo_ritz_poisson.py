@@ -1,11 +1,14 @@
 # # Solving Poisson's equation by Ritz energy minimization with a natural neural gradient flow
 #
-# -Δu = f on the unit square, u = 0 on the boundary, exact solution
-# u = sin(πx) sin(πy). The network N (tanh, 2-W-1) enters through
-# u = x(1-x) y(1-y) N(x), so the boundary condition holds exactly. The energy
-# E(u) = 1/2 ∫|∇u|² - ∫ f u is minimized with the natural gradient in the energy
-# metric: G = J^T K J with K the H1_0 stiffness matrix (a Gauss-Newton step for this
-# quadratic energy), solved matrix-free by PETSc CG.
+# $-\Delta u = f$ on the unit square, $u = 0$ on the boundary, exact solution
+# $u = \sin(\pi x) \sin(\pi y)$. The network $N$ (tanh, 2-W-1) enters through
+# $u = x(1-x)\, y(1-y)\, N(x)$, so the boundary condition holds exactly. The energy
+#
+# $$E(u) = \frac{1}{2} \int_\Omega |\nabla u|^2 \,dx - \int_\Omega f u \,dx$$
+#
+# is minimized with the natural gradient in the energy metric: $G = J^T K J$ with $K$ the
+# $H^1_0$ stiffness matrix (a Gauss-Newton step for this quadratic energy), solved
+# matrix-free by PETSc CG.
 #
 #     mpirun -n 2 python demos/demo_ritz_poisson.py --n 16 --degree 3 --iterations 60
 
@@ -39,6 +42,13 @@ parser.add_argument("--checkpoint-every", type=int, default=10, help="checkpoint
 parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
 args = parser.parse_args()
 
+# ## The network, the energy and the metric
+#
+# `factor=bubble` multiplies the network by $x(1-x)\,y(1-y)$ at the dofs of the
+# Lagrange space of degree `--degree` into which it is interpolated. `nf.RitzEnergy` takes
+# the bilinear form $a$ and the linear form $\ell$ as functions of UFL arguments; the
+# metric `nf.H1Seminorm` is $a$ itself, with the boundary dofs constrained.
+
 comm = MPI.COMM_WORLD
 torch.manual_seed(args.seed)
 msh = mesh.create_unit_square(comm, args.n, args.n)
@@ -63,6 +73,11 @@ flow = nf.NaturalGradientFlow(energy, metric, eps=1e-4, method=args.method,
                               preconditioner=None if args.precond == "none" else args.precond)
 flow.checkpoint_meta.update({"demo": "ritz_poisson", "n": args.n, "degree": args.degree,
                              "seed": args.seed})  # a resume must belong to this problem
+
+# ## Monitoring and the run
+#
+# The callback adds the relative $L^2$ error against the exact solution to each step's
+# record; `flow.run` checkpoints every `--checkpoint-every` iterations.
 
 err_form = fem.form((u.ufl - u_exact) ** 2 * ufl.dx(degree=2 * args.degree + 2))
 ref = np.sqrt(comm.allreduce(fem.assemble_scalar(fem.form(u_exact**2 * ufl.dx(degree=8)))))

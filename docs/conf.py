@@ -244,6 +244,11 @@ def _options(source: str) -> list[tuple[str, str, str]]:
                 text = str(ast.literal_eval(kw["help"]))
             except ValueError:
                 text = ""
+        choices = kw.get("choices")
+        if isinstance(choices, ast.List | ast.Tuple) and all(
+                isinstance(c, ast.Constant) for c in choices.elts):
+            text = (text + "; " if text else "") + "one of " + ", ".join(
+                f"`{c.value}`" for c in choices.elts)
         rows.append((", ".join(flags), default, text))
     return rows
 
@@ -301,13 +306,41 @@ def _demo_intro(path: pathlib.Path, source: str) -> str:
     return "\n".join(parts)
 
 
+#: the order of the demos list (a demo not named here follows, alphabetically)
+DEMO_ORDER = ["demo_darcy_inversion", "demo_nonlinear_inversion", "demo_gmsh_inversion",
+              "demo_ritz_poisson", "demo_regression", "demo_parametric", "demo_poisson"]
+
+
+def _title(page: str) -> str:
+    for line in page.splitlines():
+        if line.startswith("# "):
+            return line[2:].strip()
+    return ""
+
+
 def generate_demos() -> None:
-    """``generated/demos/<name>.md`` for every ``demos/*.py``, and the list for the index."""
+    """``generated/demos/<name>.md`` for every ``demos/demo_*.py``, and their index."""
     folder = GENERATED / "demos"
-    files = set()
-    for path in sorted((ROOT / "demos").glob("demo_*.py")):
-        _write(folder / f"{path.stem}.md", _demo_page(path))
+    paths = sorted((ROOT / "demos").glob("demo_*.py"),
+                   key=lambda p: (DEMO_ORDER.index(p.stem) if p.stem in DEMO_ORDER
+                                  else len(DEMO_ORDER), p.stem))
+    files = {"index.md"}
+    rows = []
+    for path in paths:
+        page = _demo_page(path)
+        _write(folder / f"{path.stem}.md", page)
         files.add(f"{path.stem}.md")
+        rows.append(f"| [`{path.name}`]({path.stem}.md) | {_cell(_title(page))} |")
+    index = ["# Demos", "",
+             "Each demo is a script in `demos/`, runnable as",
+             "`mpiexec -n 2 python demos/<name>.py [--help]` from the repository root (with",
+             "the venv of `make setup`: `.venv/bin/mpiexec`, `.venv/bin/python`). Each prints",
+             "a summary on rank 0, writes its outputs to `out_<name>/` and ends by asserting",
+             "success; the test suite runs every demo small, serially and on 2 ranks. The",
+             "pages show the scripts as they are; they are not run when the documentation is",
+             "built.", "", "| script | what |", "|---|---|", *rows, "",
+             "```{toctree}", ":hidden:", "", *[p.stem for p in paths], "```", ""]
+    _write(folder / "index.md", "\n".join(index))
     _prune(folder, files)
 
 
