@@ -15,21 +15,19 @@ import ast
 import inspect
 import os
 import pathlib
-import sys
 
 # The package needs DOLFINx: it is installed in the project's venv, so autodoc imports the
 # real package. Serial import only: no MPI excepthook is installed on one rank.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import nngf_fem  # noqa: E402
+
 import jupytext  # noqa: E402
 from sphinx.util.nodes import make_refnode  # noqa: E402
-
-import nngf_fem  # noqa: E402
 
 DOCS = pathlib.Path(__file__).resolve().parent
 ROOT = DOCS.parent
 GENERATED = DOCS / "generated"
-sys.path.insert(0, str(ROOT))
 
 # -- project ---------------------------------------------------------------------------
 project = "nngf_fem"
@@ -47,7 +45,7 @@ extensions = [
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build", "README.md", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 # "--expand" must stay two hyphens (command-line options); quotes and ellipses only
 smartquotes_action = "qe"
 default_role = "code"  # `x` in a docstring is code, as in markdown
@@ -121,15 +119,15 @@ def _api_page(name: str, obj) -> str:
         text = head + f".. automodule:: {obj.__name__}\n"
         if shared:
             text += f"   :exclude-members: {', '.join(shared)}\n\n"
-            text += ("\n.. seealso::\n\n   Exported at the top level as well, and documented there: "
-                     + ", ".join(f":doc:`nngf_fem.{m} <{m}>`" for m in shared) + ".\n")
+            text += ("\n.. seealso::\n\n   Exported at the top level as well, and documented "
+                     "there: " + ", ".join(f":doc:`nngf_fem.{m} <{m}>`" for m in shared) + ".\n")
         return text
     if kind == "data":
         return (head + ".. currentmodule:: nngf_fem\n\n"
                 f".. py:data:: {name}\n   :type: {type(obj).__name__}\n"
                 f"   :value: {obj!r}\n\n"
                 + ("   The package version.\n" if name == "__version__" else
-                   f"   A value exported by :mod:`nngf_fem`.\n"))
+                   "   A value exported by :mod:`nngf_fem`.\n"))
     directive = "autoclass" if kind == "class" else "autofunction"
     where = (f"Defined in :ref:`{obj.__module__} <module-{obj.__module__}>`; use it as "
              f"``nngf_fem.{name}``.")
