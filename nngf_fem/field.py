@@ -912,7 +912,9 @@ class NeuralField:
         if any(len(seen[name]) != 1 for name in used):
             return None  # a layer applied twice: per-point products do not separate
         n, m = x.shape[0], self.value_size
-        J = np.empty((n, m, self.num_params))
+        # column-major J (rows point-major, then component): each parameter's column
+        # block is written in place, and metric products (MatMatMult) read it directly
+        J = np.empty((n * m, self.num_params), order="F")
         outs = [seen[name][0][1] for name in used]
         for c in range(m):
             deltas = dict(zip(used, torch.autograd.grad(
@@ -921,16 +923,21 @@ class NeuralField:
             for pname, p in named:
                 lname, kind = slots[pname]
                 d = deltas.get(lname)
+                block = J[c::m, col:col + p.numel()]
                 if d is None:  # layer not on the path to the output
-                    J[:, c, col:col + p.numel()] = 0.0
+                    block[:] = 0.0
                 elif kind == "bias":
-                    J[:, c, col:col + p.numel()] = d.numpy()
-                else:
-                    h = seen[lname][0][0]
-                    J[:, c, col:col + p.numel()] = (
-                        d[:, :, None] * h[:, None, :]).reshape(n, -1).numpy()
+                    block[:] = d.numpy()
+                else:  # d/dW[o, i] = d_o h_i, flat index o * n_in + i
+                    h = seen[lname][0][0].numpy()
+                    n_out, n_in = p.shape
+                    if m == 1:  # a view: (n, n_in, n_out) in column-major order
+                        np.multiply(h[:, :, None], d.numpy()[:, None, :],
+                                    out=block.reshape(n, n_in, n_out, order="F"))
+                    else:
+                        block[:] = (d.numpy()[:, :, None] * h[:, None, :]).reshape(n, -1)
                 col += p.numel()
-        return J.reshape(n * m, -1)
+        return J
 
     def linearize(self, with_grad: bool = False,
                   cache_mb: float | None = None) -> "Linearization":

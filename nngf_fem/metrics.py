@@ -68,6 +68,7 @@ class Metric:
         self._solver: KrylovSolver | None = None
         self._x = self._b = None
         self._diag: PETSc.Mat | None = None
+        self._blocks: dict[int, tuple[PETSc.Mat, PETSc.Mat]] = {}
         self.riesz_iterations = 0
 
     # ------------------------------------------------------------ FE helpers
@@ -105,23 +106,26 @@ class Metric:
     def apply_block(self, W: np.ndarray) -> np.ndarray:
         """``A_H W`` for a block of owned-row vectors ``W`` (``n_rows x l``).
 
-        FE metrics use one sparse-times-dense product (``MatMatMult``) instead of ``l``
-        matrix-vector products; collective.
+        FE metrics use one sparse-times-dense product (``MatMatMult``, its dense operands
+        kept for the next block of the same width) instead of ``l`` matrix-vector
+        products; collective. The result is column-major (Fortran order).
         """
-        W = np.ascontiguousarray(W, dtype=np.float64)
+        W = np.asarray(W, dtype=np.float64)
         if not self.is_fe or W.shape[1] == 0:
             return np.column_stack([self.apply(W[:, j]) for j in range(W.shape[1])]) \
                 if W.shape[1] else W.copy()
-        n, N = self.A.getLocalSize()[1], self.A.getSize()[1]
-        X = PETSc.Mat().createDense(((n, N), (PETSc.DECIDE, W.shape[1])), comm=self.comm)
-        X.setUp()
-        X.getDenseArray()[:] = W
+        width = W.shape[1]
+        if width not in self._blocks:  # dense operands kept per block width (reused products)
+            n, N = self.A.getLocalSize()[1], self.A.getSize()[1]
+            X = PETSc.Mat().createDense(((n, N), (PETSc.DECIDE, width)), comm=self.comm)
+            X.setUp()
+            X.assemble()
+            self._blocks[width] = (X, self.A.matMult(X))
+        X, Y = self._blocks[width]
+        X.getDenseArray()[:] = W  # column-major: fastest from a Fortran-ordered W
         X.assemble()
-        Y = self.A.matMult(X)
-        out = Y.getDenseArray().copy()
-        X.destroy()
-        Y.destroy()
-        return out
+        self.A.matMult(X, Y)
+        return Y.getDenseArray().copy(order="F")
 
     def petsc_matrix(self) -> PETSc.Mat:
         """``A_H`` as a PETSc matrix on the owned rows (owned by the metric: do not destroy).
@@ -206,6 +210,10 @@ class Metric:
         for obj in (self._solver,):
             if obj is not None:
                 obj.destroy()
+        for X, Y in getattr(self, "_blocks", {}).values():
+            X.destroy()
+            Y.destroy()
+        self._blocks = {}
         for obj in (self.A, self._x, self._b, self._diag):
             if obj is not None:
                 obj.destroy()

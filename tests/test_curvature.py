@@ -325,7 +325,13 @@ def test_metric_block_product_equals_column_products(kind):
     block = metric.apply_block(W)
     cols = np.column_stack([metric.apply(W[:, j]) for j in range(5)])
     np.testing.assert_allclose(block, cols, rtol=0, atol=1e-14)
+    # kept operands: a second block of the same width (C or Fortran order), another width
+    W2 = np.asfortranarray(2.0 * W[:, ::-1])
+    np.testing.assert_allclose(metric.apply_block(W2), 2.0 * cols[:, ::-1], rtol=0, atol=1e-14)
+    np.testing.assert_allclose(metric.apply_block(W[:, :2]), cols[:, :2], rtol=0, atol=1e-14)
+    np.testing.assert_allclose(block, cols, rtol=0, atol=1e-14)  # results are copies
     metric.destroy()
+    assert metric._blocks == {}
 
 
 def test_derivative_cache_sees_point_data_changed_in_place():

@@ -89,16 +89,18 @@ def test_jvp_vjp_match_dense_jacobian(rep, element, m, with_grad, cache_mb, rng)
                                rtol=0, atol=1e-11)
 
 
-@pytest.mark.parametrize("net", ["resmlp", "grown", "custom"])
+@pytest.mark.parametrize("net", ["resmlp", "grown", "custom", "vector"])
 def test_explicit_jacobian_of_other_modules(net):
-    """Linear-layer (ResMLP, grown MLP) and vmap (custom parameter) paths agree with jacfwd."""
+    """Linear-layer (ResMLP, grown MLP, vector-valued) and vmap paths agree with jacfwd."""
     msh = mesh.create_unit_square(MPI.COMM_WORLD, 4, 4)
     torch.manual_seed(5)
     module = {"resmlp": lambda: nf.ResMLP(2, width=4, depth=2), "custom": ScaledSine,
-              "grown": lambda: nf.MLP(2, width=3, depth=2)}[net]()
+              "grown": lambda: nf.MLP(2, width=3, depth=2),
+              "vector": lambda: nf.MLP(2, width=3, depth=2, out_dim=2)}[net]()
     if net == "grown":
         nf.expansion.expand_depth(module, np.ones((2, 3)), np.zeros(2))
-    field = nf.NeuralField(msh, module, transform="exp",
+    element = ("Lagrange", 1, (2,)) if net == "vector" else None
+    field = nf.NeuralField(msh, module, transform="exp", element=element,
                            factor=lambda x: x[:, 0] * (1 - x[:, 0]) + 0.5)
     assert (field._linear_layers_jacobian() is None) == (net == "custom")
     np.testing.assert_allclose(field.jacobian(), reference_jacobian(field), rtol=0, atol=1e-13)
