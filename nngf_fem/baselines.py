@@ -2,7 +2,9 @@
 
 The parameter gradient is ``b = J^T e`` with the same assembled dual derivative ``e``
 the natural-gradient flow uses, so comparisons differ only in the update rule.
-Records share the keys of :class:`~nngf_fem.flow.NaturalGradientFlow` histories.
+A step record holds ``iteration``, ``energy``, ``energy_before``, ``n_params``,
+``evaluations`` (energy evaluations so far), ``t_total`` and ``accepted`` (always True):
+a subset of the keys of :class:`~nngf_fem.flow.NaturalGradientFlow` records.
 """
 
 from nngf_fem._validate import as_int, as_real

@@ -30,7 +30,7 @@ __all__ = ["EnergyFunctional", "FunctionalEnergy", "PointRegressionEnergy", "Reg
 
 
 class EnergyFunctional:
-    """Base class of energies of one neural field (see module docstring)."""
+    """Base class of energies of one control (see module docstring)."""
 
     def __init__(self, field: Control):
         require(field, Control, type(self).__name__)

@@ -751,9 +751,13 @@ class NaturalGradientFlow:
 
         Stops when ``||g||_H <= gtol``, ``||g||_H <= rtol ||g_0||_H``, the relative
         energy decrease of an accepted step is below ``etol``, the energy reaches
-        ``target_energy``, or ``callback(flow, record)`` returns True. With
-        ``checkpoint`` a file is written atomically every ``checkpoint_every``
-        iterations and at the end (see :mod:`nngf_fem.checkpoint`).
+        ``target_energy``, or ``callback(flow, record)`` returns True (on any rank:
+        the stop is collective). The callback sees every step record, the last one
+        included, before the other stopping rules (it may add entries to the record,
+        e.g. an error against a known truth). A stalled flow with an expansion policy
+        grows instead of stopping. With ``checkpoint`` a file is written atomically
+        every ``checkpoint_every`` iterations and at the end (see
+        :mod:`nngf_fem.checkpoint`).
         """
         if not isinstance(max_iter, int | np.integer) or isinstance(max_iter, bool) \
                 or max_iter < 0:
@@ -780,6 +784,12 @@ class NaturalGradientFlow:
                     bar.set_postfix(E=f"{rec['energy']:.3e}", align=f"{rec['alignment']:.2f}",
                                     P=rec["n_params"])
                     bar.update(1)
+                # every record goes to the callback (the user may annotate it); a callback
+                # may decide on one rank only: the stop is decided together
+                stop = bool(callback(self, rec)) if callback is not None else False
+                if self.comm.allreduce(stop, op=MPI.LOR):
+                    reason, converged = "callback", True
+                    break
                 if rec["stalled"] and self.expansion is not None \
                         and self.field.num_params < self.expansion.max_params:
                     # stationary for this network: growth is the way on
@@ -800,11 +810,6 @@ class NaturalGradientFlow:
                         and rec["energy_before"] - rec["energy"]
                         <= etol * max(abs(rec["energy_before"]), 1e-300)):
                     reason, converged = "etol", True
-                    break
-                # a callback may decide on one rank only: the stop is decided together
-                stop = bool(callback(self, rec)) if callback is not None else False
-                if self.comm.allreduce(stop, op=MPI.LOR):
-                    reason, converged = "callback", True
                     break
                 if checkpoint and self.iteration % checkpoint_every == 0:
                     save_checkpoint(checkpoint, self)

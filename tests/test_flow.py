@@ -344,3 +344,27 @@ def test_stalled_flow_stops_with_reason_and_nonfinite_energy_raises():
     bad = nf.RegressionEnergy(field, target(msh) / fem.Constant(msh, 0.0))
     with pytest.raises(nf.FlowDivergedError, match="not finite"):
         nf.NaturalGradientFlow(bad, nf.L2(field)).step()
+
+
+@pytest.mark.parametrize("stop", ["gtol", "target_energy", "callback"])
+def test_callback_sees_every_record_including_the_last(stop):
+    """A user's callback annotates each record, also the one that ends the run."""
+    msh = mesh.create_unit_square(MPI.COMM_WORLD, 6, 6)
+    field = nf.NeuralField(msh, FixedFeatures(), element=("Lagrange", 2))
+    energy = nf.RegressionEnergy(field, target(msh), quadrature_degree=6)
+    flow = nf.NaturalGradientFlow(energy, nf.L2(field))
+    seen = []
+
+    def callback(fl, rec):
+        rec["mine"] = len(seen)
+        seen.append(rec["iteration"])
+        return stop == "callback" and len(seen) == 3
+
+    kwargs = {"gtol": 1e300} if stop == "gtol" else (
+        {"target_energy": 1e300} if stop == "target_energy" else {})
+    res = flow.run(10, callback=callback, **kwargs)
+    assert res.reason == stop
+    steps = [h for h in res.history if h.get("kind") is None]
+    assert len(steps) == (3 if stop == "callback" else 1)
+    assert [h["mine"] for h in steps] == list(range(len(steps)))
+    flow.destroy()

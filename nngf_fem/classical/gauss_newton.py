@@ -170,7 +170,7 @@ class GaussNewtonCG:
         (``line_search_failure``) or when ``callback(solver, record)`` returns True. The
         records hold ``iteration``, ``energy``, ``misfit``, ``gnorm``, ``step``,
         ``cg_its``, ``cg_reason``, ``backtracks``, ``pde_solves`` (forward, adjoint and
-        incremental) and ``wall``.
+        incremental), ``n_params`` (the unknowns) and ``wall``.
 
         Raises:
             SolverError: the run did not converge and ``raise_on_failure`` is set.

@@ -191,8 +191,9 @@ class TaoSolver:
         after ``max_iter`` iterations (reason ``DIVERGED_MAXITS``) or
         ``max_evaluations`` energy evaluations, or when ``callback(solver, record)``
         returns True (``CONVERGED_USER``). Each record holds ``iteration``, ``energy``,
-        ``misfit``, ``gnorm``, ``step``, ``evaluations``, ``forward``, ``adjoint``,
-        ``pde_solves`` and ``wall`` (seconds since the solver was made or last run).
+        ``misfit``, ``gnorm``, ``step``, ``evaluations``, ``failed_evaluations``,
+        ``forward``, ``adjoint``, ``pde_solves``, ``n_params`` (the unknowns) and ``wall``
+        (seconds since the solver was made or last run).
 
         Args:
             max_iter: maximal TAO iterations.
