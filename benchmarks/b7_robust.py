@@ -1,6 +1,6 @@
 """B7: robustness of the README settings over random initializations (issue 14).
 
-    python benchmarks/b7_robust.py [--seeds 10] [--fixed-seeds 3] [--quick]
+    python benchmarks/b7_robust.py [--seeds 10] [--fixed-seeds 10] [--quick]
 
 Three Darcy inversions, each with 1% noise on full-field (or partial) state data:
 
@@ -17,7 +17,8 @@ expansion=nf.ExpansionPolicy())`` -- the flow's default curvature, the default p
 step size, no ``max_step`` -- run until Morozov's discrepancy principle (misfit <= --tau
 x the misfit of the noisy data against the noise-free state) or --iterations. The data
 (noise seed 0) are the same for every network seed. For comparison, fixed networks of
---widths (no expansion) with seeds 0 .. --fixed-seeds - 1.
+--widths (no expansion) with seeds 0 .. --fixed-seeds - 1 (default: the same seeds as the
+expansive runs, so both medians are over the same initializations).
 
 Reported per family: median and worst relative L2 error of k at the stop, median and
 worst PDE solves to the noise level (``energy.pde_solves``: forward + adjoint +
@@ -59,8 +60,8 @@ parser.add_argument("--n", type=int, default=32, help="cells per side (square, n
 parser.add_argument("--lshape", default=str(ROOT / "meshes" / "lshape.msh"))
 parser.add_argument("--observe-tag", type=int, default=2, help="L-shape: observed cell tag")
 parser.add_argument("--seeds", type=int, default=10, help="network seeds 0 .. seeds-1")
-parser.add_argument("--fixed-seeds", type=int, default=3,
-                    help="seeds of the fixed-width runs")
+parser.add_argument("--fixed-seeds", type=int, default=None,
+                    help="seeds of the fixed-width runs (default: --seeds)")
 parser.add_argument("--widths", default="2,8,16", help="fixed widths (no expansion)")
 parser.add_argument("--iterations", type=int, default=100)
 parser.add_argument("--noise", type=float, default=0.01)
@@ -72,6 +73,8 @@ parser.add_argument("--out", default=str(RESULTS / "b7_robust.json"))
 args = parser.parse_args()
 if args.quick:
     args.n, args.seeds, args.fixed_seeds, args.widths, args.iterations = 8, 2, 1, "2", 8
+if args.fixed_seeds is None:
+    args.fixed_seeds = args.seeds
 if args.threads > 0:
     import numpy.linalg  # noqa: F401  (load numpy's BLAS so that it can be limited too)
 
