@@ -114,6 +114,8 @@ parser.add_argument("--study-iterations", type=int, default=60,
 parser.add_argument("--fo-iterations", type=int, default=150,
                     help="mesh study: cap of the first-order network run")
 parser.add_argument("--study-width", type=int, default=16, help="mesh study: fixed width")
+parser.add_argument("--fit-iterations", type=int, default=None,
+                    help="network fit iterations of a projected step (default: the flow's)")
 parser.add_argument("--quick", action="store_true", help="smoke run (small, few iterations)")
 parser.add_argument("--out", default=None,
                     help="JSON path (default results/b3_darcy.json, with --mesh-study "
@@ -235,7 +237,9 @@ def run_ng(problem: Problem, width: int, iterations: int, expand: bool,
     energy = problem.energy(k)
     metric = nf.H1(k, alpha=1.0, beta=args.length_scale**2)
     policy = nf.ExpansionPolicy(**(policy or {})) if expand else None
-    flow = nf.NaturalGradientFlow(energy, metric, curvature=curvature, expansion=policy)
+    extra = {} if args.fit_iterations is None else {"fit_iterations": args.fit_iterations}
+    flow = nf.NaturalGradientFlow(energy, metric, curvature=curvature, expansion=policy,
+                                  **extra)
     rec = Recorder(problem, energy, k, stop_at)
     energy.value()  # the flow's first evaluation (cached: counted once)
     rec.record()
