@@ -129,3 +129,34 @@ def test_fe_baselines_accept_a_metric_object(domain):
         energy.destroy()
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-10)
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-8, atol=1e-10)
+
+
+def test_metric_petsc_matrix(domain):
+    """FE metrics hand out their matrix; diagonal metrics a diagonal one; H1 at quadrature
+    points has x-derivative rows and no matrix on the values."""
+    fe = nf.FEControl(domain)
+    eye = nf.Euclidean(fe)
+    D = eye.petsc_matrix()
+    assert D is eye.petsc_matrix()  # made once
+    x, y = D.createVecs()
+    x.array_w[:] = np.arange(fe.local_size, dtype=float)
+    D.mult(x, y)
+    np.testing.assert_array_equal(y.array_r, x.array_r)
+    x.destroy()
+    y.destroy()
+    h1 = nf.H1(fe, beta=0.1)
+    assert h1.petsc_matrix() is h1.A
+    q = nf.NeuralField(domain, nf.MLP(2, width=3, depth=1), representation="quadrature")
+    l2q, h1q = nf.L2(q), nf.H1(q)
+    w = np.random.default_rng(0).standard_normal(q.local_size)
+    xq, yq = l2q.petsc_matrix().createVecs()
+    xq.array_w[:] = w
+    l2q.petsc_matrix().mult(xq, yq)
+    np.testing.assert_allclose(yq.array_r, l2q.apply(w), rtol=1e-14)
+    xq.destroy()
+    yq.destroy()
+    with pytest.raises(ValueError, match="x-derivative rows"):
+        h1q.petsc_matrix()
+    for m in (eye, h1, l2q, h1q):
+        m.destroy()
+    assert eye._diag is None
