@@ -200,6 +200,11 @@ def require(obj: object, protocol: type, who: str) -> None:
     if isinstance(obj, protocol):
         return
     members = [m for m in _members(protocol) if not hasattr(obj, m)]
+    if protocol is FunctionControl and hasattr(obj, "samples"):  # a ParametricField
+        raise TypeError(f"{who} needs a FunctionControl (one Function in the forms); a "
+                        f"{type(obj).__name__} has one per sample: use "
+                        f"nf.ProductMetric(field, nf.{who}, ...) for a metric, or build it "
+                        "on field.samples[i]")
     hint = {
         NetworkControl: " (a NeuralField or ParametricField; an FEControl is solved with "
                         "nngf_fem.TaoSolver or nngf_fem.GaussNewtonCG)",

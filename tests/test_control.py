@@ -160,3 +160,12 @@ def test_metric_petsc_matrix(domain):
     for m in (eye, h1, l2q, h1q):
         m.destroy()
     assert eye._diag is None
+
+
+def test_parametric_field_metric_error_points_to_product_metric(domain):
+    param = nf.ParametricField(domain, nf.MLP(3, width=3, depth=1), mus=[[0.0], [1.0]])
+    with pytest.raises(TypeError, match=r"use nf.ProductMetric\(field, nf.H1"):
+        nf.H1(param)
+    m = nf.ProductMetric(param, nf.H1, beta=0.01)
+    assert m.base.beta == 0.01
+    m.destroy()
