@@ -291,10 +291,17 @@ class PDEConstrainedEnergy(EnergyFunctional):
         """What the state depends on: control values and the other inputs of ``F``."""
         return (self.k.ufl.x.array.copy(), *(f() for f in self._inputs))
 
-    @staticmethod
-    def _same(a: tuple | None, b: tuple) -> bool:
-        return a is not None and len(a) == len(b) and all(
+    def _same(self, a: tuple | None, b: tuple) -> bool:
+        """Whether two cache keys agree, decided on all ranks together.
+
+        Keys hold local arrays: after a function-preserving growth, say, round-off may
+        change the values on one rank only. A cache hit on one rank and a solve on
+        another would deadlock in the solve's collectives, so a key counts as the same
+        only when it is the same on every rank. Collective.
+        """
+        local = a is not None and len(a) == len(b) and all(
             np.array_equal(x, z) for x, z in zip(a, b, strict=True))
+        return bool(self.comm.allreduce(local, op=MPI.LAND))
 
     def solve_forward(self) -> None:
         """Newton solve of ``F(y, k; v) = 0`` for the current control (cached).
@@ -398,8 +405,10 @@ class PDEConstrainedEnergy(EnergyFunctional):
     def _factorization_reusable(self) -> bool:
         """The forward KSP holds a direct factorization of ``dF/dy`` at the current control."""
         if not (self.reuse_factorization and self.linear and self._A_for is not None
-                and self._fwd_op_valid
-                and np.array_equal(self._A_for, self.k.ufl.x.array)):
+                and self._fwd_op_valid):
+            return False
+        if not self.comm.allreduce(bool(np.array_equal(self._A_for, self.k.ufl.x.array)),
+                                   op=MPI.LAND):  # the same verdict on all ranks
             return False
         ksp = self._fwd.ksp
         return ksp.getType() == "preonly" and ksp.getPC().getType() in ("lu", "cholesky")

@@ -102,6 +102,15 @@ def test_exception_on_one_rank_aborts_the_job(tmp_path, mode, rank, message):
 
 
 @pytest.mark.skip_in_parallel
+def test_cache_decision_is_collective(tmp_path):
+    """The control changes by round-off on one rank only: every rank solves again (a
+    cache hit on one rank and a solve on the other deadlocked after network growth)."""
+    rc, out = _run_job("cache_differs_on_one_rank", tmp_path)
+    assert rc == 0, out
+    assert "cache ok 0" in out and "cache ok 1" in out, out
+
+
+@pytest.mark.skip_in_parallel
 @pytest.mark.parametrize("mode,message", [
     ("checkpoint_is_directory", r"cannot write checkpoint \S*checkpoint.pt: IsADirectoryError"),
     ("history_is_directory", r"cannot write history \S*history.json: IsADirectoryError"),

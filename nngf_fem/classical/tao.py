@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from mpi4py import MPI
 from petsc4py import PETSc
 
 __all__ = ["TaoSolver", "tao_reason_name"]
@@ -156,7 +157,8 @@ class TaoSolver:
         try:
             its, f, gnorm, _, step, reason = tao.getSolutionStatus()
             m = self.x.array_r.copy()
-            if self._last is not None and np.array_equal(self._last[0], m):
+            same = self._last is not None and np.array_equal(self._last[0], m)
+            if self.comm.allreduce(same, op=MPI.LAND):  # collective: value() may solve
                 misfit = self._last[2]
             else:  # the accepted point is not the last evaluated one
                 self.control.set_m(m)
