@@ -7,6 +7,7 @@ Use it on your own setups before running a flow.
 
 from nngf_fem.energies import EnergyFunctional
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,20 @@ def parameter_derivative(energy: EnergyFunctional) -> np.ndarray:
     """``b = J^T E'(u)``: the derivative of ``E(theta)`` (identical on all ranks)."""
     energy.field.update()
     return energy.field.linearize().vjp(energy.derivative())
+
+
+def remainders(energy: EnergyFunctional, move: Callable[[float], None], E0: float,
+               slope: float, steps: np.ndarray) -> np.ndarray:
+    """Taylor remainders ``|E(x + h d) - E(x) - h slope|`` for each step ``h``.
+
+    ``move(h)`` puts the unknowns at ``x + h d`` (network parameters, FE nodal values
+    ...); the caller restores ``x`` afterwards.
+    """
+    res = []
+    for h in steps:
+        move(h)
+        res.append(abs(energy.value() - E0 - h * slope))
+    return np.array(res)
 
 
 def _window(res: np.ndarray, rates: np.ndarray, floor: float, width: int) -> slice | None:
@@ -87,13 +102,10 @@ def taylor_test(energy: EnergyFunctional, direction: np.ndarray | None = None,
         E0 = energy.value()
         slope = float(parameter_derivative(energy) @ direction)
         hs = h0 * 0.5 ** np.arange(n + max(int(extra), 0))
-        res = []
-        for h in hs:
-            field.set_parameters(theta + h * direction)
-            res.append(abs(energy.value() - E0 - h * slope))
+        res = remainders(energy, lambda h: field.set_parameters(theta + h * direction), E0,
+                         slope, hs)
     finally:
         field.set_parameters(theta)
-    res = np.array(res)
     with np.errstate(divide="ignore", invalid="ignore"):
         rates = np.log2(res[:-1] / res[1:])
     floor = 1e4 * np.finfo(float).eps * max(abs(E0), abs(slope) * h0, 1e-300)

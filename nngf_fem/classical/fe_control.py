@@ -20,7 +20,7 @@ from nngf_fem.energies import EnergyFunctional
 from nngf_fem.metrics import H1, Metric
 from nngf_fem.mpi import raise_on_any
 from nngf_fem.pde import coordinate_noise
-from nngf_fem.taylor import TaylorResult
+from nngf_fem.taylor import TaylorResult, remainders
 
 import math
 from collections.abc import Callable, Mapping
@@ -250,14 +250,27 @@ def fe_taylor_test(energy: EnergyFunctional, direction: np.ndarray | None = None
         E0 = energy.value()
         slope = control.comm.allreduce(float(control.pullback(energy.derivative()) @ direction))
         hs = h0 * 0.5 ** np.arange(n)
-        res = []
-        for h in hs:
-            control.set_m(m0 + h * direction)
-            res.append(abs(energy.value() - E0 - h * slope))
+        res = remainders(energy, lambda h: control.set_m(m0 + h * direction), E0, slope, hs)
     finally:
         control.set_m(m0)
-    res = np.array(res)
     return TaylorResult(hs, res, np.log2(res[:-1] / res[1:]))
+
+
+class RieszContext:
+    """``y = A_H^{-1} x`` through a metric's Riesz map, as a PETSc python context.
+
+    Serves both as a python Mat (``mult``: TAO's gradient-norm matrix) and as a python PC
+    (``apply``: the preconditioner of Gauss-Newton-CG).
+    """
+
+    def __init__(self, metric: Metric):
+        self.metric = metric
+
+    def mult(self, mat, x, y):
+        y.array_w[:] = self.metric.riesz(x.array_r)
+
+    def apply(self, pc, x, y):
+        self.mult(pc, x, y)
 
 
 def control_metric(control: FunctionControl, metric: Metric | None, alpha: float, beta: float,

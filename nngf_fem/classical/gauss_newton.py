@@ -7,7 +7,12 @@ incremental forward and one incremental adjoint solve
 network flows' Gauss-Newton steps).
 """
 
-from nngf_fem.classical.fe_control import _check_energy, _pde_solves, control_metric
+from nngf_fem.classical.fe_control import (
+    RieszContext,
+    _check_energy,
+    _pde_solves,
+    control_metric,
+)
 from nngf_fem.errors import SolverError
 from nngf_fem.flow import FlowResult
 from nngf_fem.metrics import Metric
@@ -34,16 +39,6 @@ class _Hessian:
 
     def mult(self, mat, x, y):
         y.array_w[:] = self.gn.hessian_action(x.array_r)
-
-
-class _RieszPC:
-    """PETSc python-PC context ``y = A_H^{-1} x``."""
-
-    def __init__(self, metric: Metric):
-        self.metric = metric
-
-    def apply(self, pc, x, y):
-        y.array_w[:] = self.metric.riesz(x.array_r)
 
 
 class GaussNewtonCG:
@@ -120,7 +115,7 @@ class GaussNewtonCG:
         self.ksp.setOperators(self._H)
         pc = self.ksp.getPC()
         pc.setType("python")
-        pc.setPythonContext(_RieszPC(self.metric))
+        pc.setPythonContext(RieszContext(self.metric))
         set_options(self.ksp, self.prefix, {"ksp_type": "cg", "ksp_max_it": 50,
                                             "ksp_norm_type": "preconditioned",
                                             **dict(petsc_options or {})})

@@ -11,7 +11,12 @@ would; the approach of pyadjoint's ``TAOSolver`` and hIPPYlib). The gradient nor
 reports and tests is the dual norm ``||dE/dm||_{H'} = sqrt(e^T A_H^{-1} e)``.
 """
 
-from nngf_fem.classical.fe_control import _check_energy, _pde_solves, control_metric
+from nngf_fem.classical.fe_control import (
+    RieszContext,
+    _check_energy,
+    _pde_solves,
+    control_metric,
+)
 from nngf_fem.energies import EnergyFunctional
 from nngf_fem.errors import SolverError
 from nngf_fem.flow import FlowResult
@@ -40,16 +45,6 @@ def tao_reason_name(reason: int) -> str:
     """Readable name of a PETSc ``TaoConvergedReason``."""
     return _TAO_REASONS.get(int(reason), str(reason))
 
-
-
-class _DualNorm:
-    """PETSc python-Mat context ``y = A_H^{-1} x`` (TAO's gradient-norm matrix)."""
-
-    def __init__(self, metric: Metric):
-        self.metric = metric
-
-    def mult(self, mat, x, y):
-        y.array_w[:] = self.metric.riesz(x.array_r)
 
 
 class TaoSolver:
@@ -94,7 +89,7 @@ class TaoSolver:
         self.A = self.metric.petsc_matrix()
         riesz_opts = ({**RIESZ_DEFAULTS, **self.metric.petsc_options} if self.metric.is_fe
                       else {"ksp_type": "preonly", "pc_type": "jacobi"})  # a diagonal A_H
-        self._norm_mat = PETSc.Mat().createPython(((n, N), (n, N)), _DualNorm(self.metric),
+        self._norm_mat = PETSc.Mat().createPython(((n, N), (n, N)), RieszContext(self.metric),
                                                   comm=self.comm)
         self._norm_mat.setUp()
         self.x = PETSc.Vec().createMPI((n, N), comm=self.comm)
