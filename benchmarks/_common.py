@@ -15,7 +15,7 @@ import pathlib
 import platform
 import statistics
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -90,6 +90,20 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any],
         os.replace(tmp, path)
     comm.Barrier()
     return path
+
+
+def choices(text: str, allowed: Iterable[str], what: str = "method") -> list[str]:
+    """The comma-separated names of ``text``, each checked against ``allowed``.
+
+    Raises:
+        ValueError: a name is not allowed (the message names it and the allowed ones).
+    """
+    allowed = list(allowed)
+    names = text.split(",")
+    for name in names:
+        if name not in allowed:
+            raise ValueError(f"{what} {name!r} is not known; allowed: {allowed}")
+    return names
 
 
 def median(values: Sequence[float]) -> float:

@@ -66,6 +66,7 @@ from dolfinx import fem, mesh
 from mpi4py import MPI
 
 from _common import (
+    choices,
     RESULTS,
     median,
     print_table,
@@ -368,10 +369,7 @@ def main_table() -> None:
     policy = {"threshold": 0.5, "patience": 2, "neurons": 2,
               "max_params": 4 * args.max_width + 1}
     t_start = time.perf_counter()
-    methods = args.methods.split(",")
-    for m in methods:
-        if m not in LABELS:
-            raise ValueError(f"method {m!r} is not known; allowed: {list(LABELS)}")
+    methods = choices(args.methods, LABELS)
     if "adam" in methods and args.adam_lr is None:
         t0 = time.perf_counter()
         adam_lr, tuning = tune_adam()
@@ -517,10 +515,7 @@ def mesh_study() -> None:
     """Mesh-independence table: every method stops at the noise level (or its cap)."""
     t_start = time.perf_counter()
     sizes = [int(v) for v in args.sizes.split(",")]
-    methods = args.study_methods.split(",")
-    for m in methods:
-        if m not in STUDY_LABELS:
-            raise ValueError(f"method {m!r} is not known; allowed: {list(STUDY_LABELS)}")
+    methods = choices(args.study_methods, STUDY_LABELS)
     policy = {"max_params": 4 * 24 + 1}  # otherwise the default ExpansionPolicy
     caps = {"fe_lmvm": args.fe_iterations, "fe_gncg": args.gn_iterations,
             "ng_expand": args.study_iterations, "ng_fixed": args.study_iterations,

@@ -46,6 +46,7 @@ from mpi4py import MPI
 
 from _common import (
     RESULTS,
+    choices,
     median,
     print_table,
     smooth_truth,
@@ -209,10 +210,7 @@ def run(problem: Problem, seed: int, width: int, expand: bool) -> dict:
 
 
 t_start = time.perf_counter()
-families = args.families.split(",")
-for f in families:
-    if f not in FAMILIES:
-        raise ValueError(f"family {f!r} is not known; allowed: {FAMILIES}")
+families = choices(args.families, FAMILIES, "family")
 widths = [int(w) for w in args.widths.split(",")]
 runs: list[dict] = []
 summary: list[dict] = []

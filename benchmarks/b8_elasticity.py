@@ -42,7 +42,7 @@ import ufl
 from dolfinx import fem, mesh
 from mpi4py import MPI
 
-from _common import RESULTS, flow_summary, median, print_table, smooth_truth, write_json
+from _common import RESULTS, choices, flow_summary, median, print_table, smooth_truth, write_json
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--n", type=int, default=32, help="cells per side")
@@ -209,10 +209,7 @@ def run_fe(problem: Problem, method: str, target: float) -> Recorder:
 
 
 t_start = time.perf_counter()
-methods = args.methods.split(",")
-for m in methods:
-    if m not in LABELS:
-        raise ValueError(f"method {m!r} is not known; allowed: {list(LABELS)}")
+methods = choices(args.methods, LABELS)
 problem = Problem(args.n)
 target = args.tau * problem.noise_misfit
 budgets = {"ng_expand": args.ng_iterations, "ng_fixed": args.ng_iterations,
