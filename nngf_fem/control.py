@@ -49,7 +49,7 @@ LAYERS: Mapping[str, int] = {
     "_backend": 0, "errors": 0, "_validate": 0, "control": 0,
     "mpi": 1,
     "solvers": 2, "models": 2, "observations": 2, "meshes": 2, "io": 2,
-    "metrics": 3, "checkpoint": 3,
+    "metrics": 3, "checkpoint": 3, "mlp_eval": 3,
     "field": 4, "gram": 5,
     "energies": 6,
     "pde": 7, "taylor": 7, "parametric": 7, "curvature": 7,

@@ -39,20 +39,16 @@ class HilbertGram:
     solve). Larger networks get a rank-``rank`` Nystrom sketch.
     """
 
-    def __init__(self, metric, lin, dense_limit: int = 400, rank: int = 64):
+    #: default ``dense_limit``
+    DENSE_LIMIT = 400
+
+    def __init__(self, metric, lin, dense_limit: int = DENSE_LIMIT, rank: int = 64):
         P = lin.field.num_params
         self.P = P
         self.exact = P <= dense_limit
         if self.exact:
             J = lin.J if getattr(lin, "J", None) is not None else lin.jvp_block(np.eye(P))
-            AJ = metric.apply_block(J) if P else J
-            G = allreduce_sum(metric.comm, J.T @ AJ)
-            G = 0.5 * (G + G.T)
-            if not np.all(np.isfinite(G)):
-                raise FloatingPointError("the Gram matrix J^T A_H J is not finite")
-            lam, U = np.linalg.eigh(G)
-            self.lam, self.U = np.maximum(lam, 0.0), U
-            self.G = G
+            self._dense(metric, J)
         else:
             op = GramOperator(metric, lin, 0.0)
             try:
@@ -62,6 +58,26 @@ class HilbertGram:
             self.U, self.lam, self.G = pre.U, pre.lam, None
         self.lam_max = float(self.lam.max()) if self.lam.size else 0.0
         self._metric, self._lin = metric, lin
+
+    @classmethod
+    def from_jacobian(cls, metric, J: np.ndarray) -> "HilbertGram":
+        """The exact ``G_H`` of an explicit local Jacobian ``J`` (owned rows x P)."""
+        self = cls.__new__(cls)
+        self.P, self.exact = J.shape[1], True
+        self._dense(metric, J)
+        self._metric, self._lin = metric, None
+        return self
+
+    def _dense(self, metric, J: np.ndarray) -> None:
+        AJ = metric.apply_block(J) if J.shape[1] else J
+        G = allreduce_sum(metric.comm, J.T @ AJ)
+        G = 0.5 * (G + G.T)
+        if not np.all(np.isfinite(G)):
+            raise FloatingPointError("the Gram matrix J^T A_H J is not finite")
+        lam, U = np.linalg.eigh(G)
+        self.lam, self.U = np.maximum(lam, 0.0), U
+        self.G = G
+        self.lam_max = float(self.lam.max()) if self.lam.size else 0.0
 
     def apply(self, v: np.ndarray) -> np.ndarray:
         """``G_H v`` (exact: dense product; otherwise a metric product through ``J``)."""
@@ -230,45 +246,63 @@ class FunctionSpaceGaussNewton(_KeptKrylov):
 
 
 def fit_network(field, metric, target: np.ndarray, delta_rel: float = 1e-3,
-                max_it: int = 8, rtol: float = 1e-3) -> dict[str, Any]:
+                max_it: int = 8, rtol: float = 1e-3,
+                start: tuple[Any, "HilbertGram"] | None = None) -> dict[str, Any]:
     """Move the network to ``target`` (owned rows): Gauss-Newton on ``1/2 |u - t|_H^2``.
 
     No PDE solve: network evaluations, ``J^T A_H J`` and metric products only. Each
     iteration solves ``(J^T A_H J + delta I) d = -J^T A_H (u - t)`` (``delta`` relative
-    to the largest eigenvalue) with backtracking on the fit. Returns the relative fit
-    residual ``|u - t|_H / |t - u_0|_H`` and the iterations.
+    to the largest eigenvalue) with backtracking on the fit. ``start`` may pass the
+    linearization and its :class:`HilbertGram` at the current parameters (e.g. from the
+    flow's direction at the same point): the first iteration then forms neither again.
+    Returns the relative fit residual ``|u - t|_H / |t - u_0|_H`` and the iterations.
     """
     comm = field.comm
+    ev = field.point_evaluator() if callable(getattr(field, "point_evaluator", None)) else None
 
     def misfit(u):  # 1/2 |u - t|_H^2 and A_H (u - t)
         Ar = metric.apply(u - target)
         return 0.5 * comm.allreduce(float((u - target) @ Ar)), Ar
 
-    f0, Ar = misfit(field.values())
+    def values(th):  # the field's values at parameters th
+        if ev is not None:
+            return ev.values(th)
+        field.set_parameters(th, update=False)
+        return field.values()
+
+    theta = field.get_parameters()
+    f0, Ar = misfit(values(theta))
     f_start = max(f0, 1e-300)
     its = 0
     for its in range(1, max_it + 1):  # noqa: B007
-        lin = field.linearize()
-        hg = HilbertGram(metric, lin)
+        if its == 1 and start is not None:
+            lin, hg = start
+            b = lin.vjp(Ar)
+        elif ev is not None:
+            J = ev.jacobian(theta)[1]
+            hg = HilbertGram.from_jacobian(metric, J)
+            b = allreduce_sum(comm, J.T @ Ar)
+        else:
+            field.set_parameters(theta, update=False)
+            lin = field.linearize()
+            hg = HilbertGram(metric, lin)
+            b = lin.vjp(Ar)
         delta = delta_rel * max(hg.lam_max, 1e-300)
-        b = lin.vjp(Ar)
         d = -hg.solve(b, 1.0, delta)
-        theta = field.get_parameters()
         tau, ok = 1.0, False
         for _ in range(12):
             with np.errstate(over="ignore", invalid="ignore"):
-                field.set_parameters(theta + tau * d, update=False)
-                f1, Ar1 = misfit(field.values())  # allreduced: the same verdict on all ranks
+                f1, Ar1 = misfit(values(theta + tau * d))  # allreduced: one verdict on all ranks
             if np.isfinite(f1) and f1 <= f0 + 1e-4 * tau * float(b @ d):
                 ok = True
                 break
             tau *= 0.5
         if not ok:
-            field.set_parameters(theta, update=False)
             break
+        theta = theta + tau * d
         done = f0 - f1 <= rtol * f0
         f0, Ar = f1, Ar1
         if done:
             break
-    field.update()
+    field.set_parameters(theta)
     return {"fit_residual": np.sqrt(f0 / f_start), "fit_iterations": its}

@@ -83,7 +83,7 @@ def select_neurons(field, metric, r: np.ndarray, layer: int, k: int, n_candidate
     """
     W, beta = width_candidates(field, layer, n_candidates, seed)
     N = _candidate_directions(field, layer, W, beta)
-    AN = np.column_stack([metric.apply(N[:, j]) for j in range(N.shape[1])])
+    AN = metric.apply_block(np.asfortranarray(N))  # one sparse-times-dense product
     C = allreduce_sum(field.comm, N.T @ AN)
     p = allreduce_sum(field.comm, AN.T @ r)
     rnorm = np.sqrt(max(field.comm.allreduce(float(r @ metric.apply(r))), 1e-300))

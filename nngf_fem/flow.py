@@ -306,12 +306,25 @@ class NaturalGradientFlow:
         t2 = time.perf_counter()
         gnorm = math.nan
         riesz_its = 0
+        g = None
         if self.compute_alignment:
             g = self.metric.riesz(e)
             riesz_its = self.metric.riesz_iterations
             gnorm = math.sqrt(max(self.metric.dual_norm_squared(e, g), 0.0))
         t3 = time.perf_counter()
-        d, dGd = self.solver.solve(lin, b, self.eps)
+        hgram = None
+        if self._dense_gram(lin):
+            # the curvature steps form the exact J^T A_H J at this point anyway: the
+            # direction d_H (needed for the alignment) comes from it, no Krylov solve
+            hgram = HilbertGram(self.metric, lin)
+            d = -hgram.solve(b, 1.0, self.eps)
+            dGd = float(d @ hgram.apply(d))
+            ksp_its, ksp_reason, sketch, t_sketch = 0, 1, 0, 0.0
+        else:
+            d, dGd = self.solver.solve(lin, b, self.eps)
+            ksp_its, ksp_reason = self.solver.iterations, self.solver.reason
+            sketch = getattr(self.solver, "sketch_products", 0)
+            t_sketch = getattr(self.solver, "t_sketch", 0.0)
         t4 = time.perf_counter()
         bd = float(b @ d)
         if not (np.all(np.isfinite(d)) and math.isfinite(dGd)):
@@ -320,11 +333,17 @@ class NaturalGradientFlow:
         if self.compute_alignment:
             align = 1.0 if gnorm == 0.0 else min(math.sqrt(max(-bd, 0.0)) / gnorm, 1.0)
         return {"e": e, "b": b, "d": d, "bd": bd, "dGd": dGd, "gnorm": gnorm, "lin": lin,
-                "alignment": align, "ksp_its": self.solver.iterations,
-                "ksp_reason": self.solver.reason, "riesz_its": riesz_its,
-                "sketch_products": getattr(self.solver, "sketch_products", 0),
-                "t_sketch": getattr(self.solver, "t_sketch", 0.0),
+                "g": g, "hgram": hgram,
+                "alignment": align, "ksp_its": ksp_its,
+                "ksp_reason": ksp_reason, "riesz_its": riesz_its,
+                "sketch_products": sketch, "t_sketch": t_sketch,
                 "t_pde": t1 - t0, "t_network": t2 - t1, "t_riesz": t3 - t2, "t_ng": t4 - t3}
+
+    def _dense_gram(self, lin) -> bool:
+        """Whether this step forms ``J^T A_H J`` exactly (curvature flows, small ``P``)."""
+        return (self.curvature != "none" and self.solver.method != "dense"
+                and getattr(lin, "J", None) is not None
+                and self.field.num_params <= HilbertGram.DENSE_LIMIT)
 
     def residual(self) -> dict[str, Any]:
         """Hilbert gradient ``g``, the residual ``r = g - P_T g = g + J d_H`` (owned rows).
@@ -511,7 +530,7 @@ class NaturalGradientFlow:
         """
         b, lin = info["b"], info["lin"]
         t0 = time.perf_counter()
-        hg = HilbertGram(self.metric, lin)
+        hg = info.get("hgram") or HilbertGram(self.metric, lin)
         delta = self.parameter_damping * max(hg.lam_max, 1e-300)
         mem = self._lbfgs
         if mem["theta"] is not None and mem["theta"].shape == theta0.shape:
@@ -608,7 +627,7 @@ class NaturalGradientFlow:
         counters = self.energy.counters
         inc0 = counters.get("incremental", 0)
         fs = FunctionSpaceGaussNewton(self.energy, self.metric, e)
-        g = self.metric.riesz(e)
+        g = info["g"] if info.get("g") is not None else self.metric.riesz(e)
         enorm = math.sqrt(max(self.comm.allreduce(float(e @ g)), 0.0))
         if self._b0norm is None or self._b0norm == 0.0:
             self._b0norm = enorm
@@ -630,8 +649,9 @@ class NaturalGradientFlow:
                 target = k0 * np.exp(np.clip(dk / np.where(k0 != 0, k0, 1.0), -50, 50)) \
                     if positive else k0 + dk
             self.field.set_parameters(theta0)
+            start = (info["lin"], info["hgram"]) if info.get("hgram") is not None else None
             fit.update(fit_network(self.field, self.metric, target, 1e-6,
-                                   max_it=self.fit_iterations, rtol=1e-4))
+                                   max_it=self.fit_iterations, rtol=1e-4, start=start))
             return self.field.get_parameters(), pred
 
         accepted, E1, n_bt, lam_used, rho = self._levenberg_marquardt(theta0, E0, propose)
@@ -648,7 +668,7 @@ class NaturalGradientFlow:
         t0 = time.perf_counter()
         counters = self.energy.counters
         inc0 = counters.get("incremental", 0)
-        hg = HilbertGram(self.metric, lin)
+        hg = info.get("hgram") or HilbertGram(self.metric, lin)
         scale = max(hg.lam_max, 1e-300)
         # damping lambda (J^T A_H J + delta I): the Euclidean part keeps the step inside
         # the region where the network's linearization holds

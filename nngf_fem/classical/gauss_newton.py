@@ -78,7 +78,8 @@ class GaussNewtonCG:
             The incremental solves use the energy's forward/adjoint solvers (its
             ``petsc_options``).
         petsc_options: options of the CG solver.
-        riesz_options: options of the Riesz KSP (override CG + GAMG, rtol 1e-12).
+        riesz_options: options of the Riesz KSP (override the defaults of
+            :func:`~nngf_fem.metrics.riesz_defaults`).
         eta_max: largest relative CG tolerance.
         armijo: sufficient-decrease constant.
         backtrack: step reduction factor.
