@@ -84,30 +84,36 @@ def select_neurons(field, metric, r: np.ndarray, layer: int, k: int, n_candidate
     W, beta = width_candidates(field, layer, n_candidates, seed)
     N = _candidate_directions(field, layer, W, beta)
     AN = metric.apply_block(np.asfortranarray(N))  # one sparse-times-dense product
-    C = allreduce_sum(field.comm, N.T @ AN)
-    p = allreduce_sum(field.comm, AN.T @ r)
-    rnorm = np.sqrt(max(field.comm.allreduce(float(r @ metric.apply(r))), 1e-300))
+    comm = field.comm
+    # diag(C) and p of C = N^T A_H N, p = N^T A_H r; the greedy steps need C only through
+    # C q_i for the chosen q_i, so C itself (K x K, n K^2 products) is never formed
+    red = allreduce_sum(comm, np.concatenate([np.einsum("nk,nk->k", N, AN), AN.T @ r]))
+    K = N.shape[1]
+    diagC, p = red[:K], red[K:]
+    rnorm = np.sqrt(max(comm.allreduce(float(r @ metric.apply(r))), 1e-300))
     chosen: list[int] = []
     captured: list[float] = []
-    Q = np.zeros((len(p), 0))  # coefficients of orthonormal q_i in the candidate basis
+    Q = np.zeros((K, 0))  # coefficients of orthonormal q_i in the candidate basis
+    CQ = np.zeros((K, 0))  # C @ Q
     for _ in range(k):
         # <n_c, q_i> for all c, projections removed
-        proj = C @ Q  # (K, i)
-        num = p - proj @ (Q.T @ p)
-        den2 = np.diag(C) - np.einsum("ki,ki->k", proj, proj)
+        num = p - CQ @ (Q.T @ p)
+        den2 = diagC - np.einsum("ki,ki->k", CQ, CQ)
         den2[chosen] = 0.0
-        score = np.where(den2 > 1e-12 * np.diag(C).max(), np.abs(num) / np.sqrt(
+        score = np.where(den2 > 1e-12 * diagC.max(initial=0.0), np.abs(num) / np.sqrt(
             np.maximum(den2, 1e-300)), -1.0)
         c = int(np.argmax(score))
         if score[c] <= 0:
             break
         chosen.append(c)
         captured.append(float(score[c] / rnorm))
-        q = np.zeros(len(p))
+        q = np.zeros(K)
         q[c] = 1.0
-        q -= Q @ (proj[c])  # Gram-Schmidt in coefficient space
-        q /= np.sqrt(q @ C @ q)
-        Q = np.column_stack([Q, q])
+        q -= Q @ CQ[c]  # Gram-Schmidt in coefficient space
+        Cq = allreduce_sum(comm, N.T @ (AN @ q))  # C q: two products with the n x K block
+        norm = np.sqrt(max(float(q @ Cq), 1e-300))
+        Q = np.column_stack([Q, q / norm])
+        CQ = np.column_stack([CQ, Cq / norm])
     return W[chosen], beta[chosen], captured
 
 
