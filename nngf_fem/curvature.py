@@ -69,8 +69,8 @@ class HilbertGram:
         return self
 
     def _dense(self, metric, J: np.ndarray) -> None:
-        AJ = metric.apply_block(J) if J.shape[1] else J
-        G = allreduce_sum(metric.comm, J.T @ AJ)
+        G = allreduce_sum(metric.comm, metric.gram_block(J) if J.shape[1]
+                          else np.zeros((0, 0)))
         G = 0.5 * (G + G.T)
         if not np.all(np.isfinite(G)):
             raise FloatingPointError("the Gram matrix J^T A_H J is not finite")
@@ -245,6 +245,42 @@ class FunctionSpaceGaussNewton(_KeptKrylov):
         return dk, rhs_dk - 0.5 * dGd  # -(e . dk + dk^T A_GN dk / 2)
 
 
+def _largest_eigenvalue(G: np.ndarray, v: np.ndarray | None = None,
+                        its: int = 12) -> tuple[float, np.ndarray]:
+    """Power-iteration estimate of the largest eigenvalue of the SPD ``G`` (a few percent).
+
+    Starts from ``v`` (e.g. the vector of the previous, nearby ``G``) or ``sqrt(diag G)``;
+    returns the estimate and the last iterate.
+    """
+    if v is None or v.shape != (G.shape[0],):
+        v = np.sqrt(np.maximum(np.diag(G), 0.0))
+    lam = 0.0
+    for _ in range(its):
+        nv = np.linalg.norm(v)
+        if not nv > 0:
+            break
+        v = v / nv
+        w = G @ v
+        lam = float(v @ w)
+        v = w
+    return lam, v
+
+
+def _damped_solve(G: np.ndarray, b: np.ndarray, delta_rel: float,
+                  v: np.ndarray | None = None, its: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """``-(G + delta I)^{-1} b`` with ``delta = delta_rel lambda_max(G)`` (dense, ``P x P``).
+
+    The largest eigenvalue comes from a power iteration (from ``v``, ``its`` steps) and
+    the system from an LU solve: no eigendecomposition, the fit's inner loop needs one
+    solve per ``G``. Returns the solution and the power iterate (a start for the next).
+    """
+    if not np.all(np.isfinite(G)):
+        raise FloatingPointError("the Gram matrix J^T A_H J is not finite")
+    lam, v = _largest_eigenvalue(G, v, its)
+    delta = delta_rel * max(lam, 1e-300)
+    return -np.linalg.solve(G + delta * np.eye(G.shape[0]), b), v
+
+
 def fit_network(field, metric, target: np.ndarray, delta_rel: float = 1e-3,
                 max_it: int = 8, rtol: float = 1e-3,
                 start: tuple[Any, "HilbertGram"] | None = None) -> dict[str, Any]:
@@ -274,21 +310,26 @@ def fit_network(field, metric, target: np.ndarray, delta_rel: float = 1e-3,
     f0, Ar = misfit(values(theta))
     f_start = max(f0, 1e-300)
     its = 0
+    v_top = None
     for its in range(1, max_it + 1):  # noqa: B007
         if its == 1 and start is not None:
             lin, hg = start
             b = lin.vjp(Ar)
         elif ev is not None:
             J = ev.jacobian(theta)[1]
-            hg = HilbertGram.from_jacobian(metric, J)
-            b = allreduce_sum(comm, J.T @ Ar)
+            G_b = allreduce_sum(comm, np.column_stack([metric.gram_block(J), J.T @ Ar]))
+            hg, b = None, G_b[:, -1]
+            # the top eigenvector moves little between fit iterations: a warm power
+            # iteration (4 steps after the first) estimates lambda_max
+            d, v_top = _damped_solve(0.5 * (G_b[:, :-1] + G_b[:, :-1].T), b, delta_rel,
+                                     v_top, 12 if v_top is None else 4)
         else:
             field.set_parameters(theta, update=False)
             lin = field.linearize()
             hg = HilbertGram(metric, lin)
             b = lin.vjp(Ar)
-        delta = delta_rel * max(hg.lam_max, 1e-300)
-        d = -hg.solve(b, 1.0, delta)
+        if hg is not None:
+            d = -hg.solve(b, 1.0, delta_rel * max(hg.lam_max, 1e-300))
         tau, ok = 1.0, False
         for _ in range(12):
             with np.errstate(over="ignore", invalid="ignore"):

@@ -42,15 +42,16 @@ def _layer_input(field, layer: int) -> np.ndarray:
 
 def width_candidates(
     field, layer: int, n_candidates: int, seed: int,
-    scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0),
+    scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0), h: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random candidate neurons ``(W (K, d_in), beta (K,))`` for hidden layer ``layer``.
 
     Hyperplanes ``w . h + beta = 0`` pass through random points of the bounding box of
     the layer inputs (global over ranks); ``|w|`` takes the given scales. The generator
-    is seeded, so all ranks draw the same candidates.
+    is seeded, so all ranks draw the same candidates. ``h``: the layer inputs at the
+    owned points, if the caller has them.
     """
-    h = _layer_input(field, layer)
+    h = _layer_input(field, layer) if h is None else h
     comm = field.comm
     lo = h.min(axis=0) if h.shape[0] else np.full(h.shape[1], np.inf)
     hi = h.max(axis=0) if h.shape[0] else np.full(h.shape[1], -np.inf)
@@ -66,12 +67,14 @@ def width_candidates(
     return W, beta
 
 
-def _candidate_directions(field, layer: int, W: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    """Tangent directions ``n_c`` at the owned points, shape ``(n_local, K)``."""
-    h = torch.from_numpy(_layer_input(field, layer))
-    act = field.module.activation(h @ torch.from_numpy(W).T + torch.from_numpy(beta))
+def _candidate_directions(field, layer: int, W: np.ndarray, beta: np.ndarray,
+                          h: np.ndarray | None = None) -> np.ndarray:
+    """Tangent directions ``n_c`` at the owned points, ``(n_local, K)``, column-major."""
+    h = _layer_input(field, layer) if h is None else h
+    z = torch.from_numpy(W @ h.T + beta[:, None])  # (K, n): the transpose of N, C-ordered
+    act = field.module.activation(z).numpy()
     s = field.output_sensitivity()[:, 0]
-    return (s[:, None] * act.numpy())
+    return (act * s[None, :]).T
 
 
 def select_neurons(field, metric, r: np.ndarray, layer: int, k: int, n_candidates: int = 256,
@@ -81,9 +84,10 @@ def select_neurons(field, metric, r: np.ndarray, layer: int, k: int, n_candidate
     Returns the chosen ``(W, beta)`` and the captured fraction ``|<q_i, r>| / ||r||`` of
     each pick (``q_i`` the orthonormalized directions).
     """
-    W, beta = width_candidates(field, layer, n_candidates, seed)
-    N = _candidate_directions(field, layer, W, beta)
-    AN = metric.apply_block(np.asfortranarray(N))  # one sparse-times-dense product
+    h = _layer_input(field, layer)
+    W, beta = width_candidates(field, layer, n_candidates, seed, h=h)
+    N = _candidate_directions(field, layer, W, beta, h)
+    AN = metric.apply_block(N)  # one sparse-times-dense product (N is column-major)
     comm = field.comm
     # diag(C) and p of C = N^T A_H N, p = N^T A_H r; the greedy steps need C only through
     # C q_i for the chosen q_i, so C itself (K x K, n K^2 products) is never formed

@@ -816,6 +816,9 @@ class NeuralField:
 
     def output_sensitivity(self) -> np.ndarray:
         """``du/dN`` at the owned points, shape ``(n_points, m)`` (chain rule of ``post``)."""
+        ev = self.point_evaluator()
+        if ev is not None:
+            return ev.output_sensitivity(self.get_parameters())[:, None]
         x = self._torch_points()
         with torch.no_grad():
             raw = self.module(self._inputs(x))

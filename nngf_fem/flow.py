@@ -255,6 +255,8 @@ class NaturalGradientFlow:
         self.expansions: list[dict[str, Any]] = []
         self.last_expansion = -1
         self._energy: float | None = None
+        #: (parameters, direction info) computed by :meth:`grow`, used by the next step
+        self._direction_cache: tuple[np.ndarray, dict[str, Any]] | None = None
         #: parameter shapes of the network the flow was created with (checkpoints compare them)
         self.initial_shapes = [tuple(p.shape) for p in getattr(self.field, "parameters", [])]
         #: extra facts stored with checkpoints and compared on load (e.g. a demo's name)
@@ -389,7 +391,12 @@ class NaturalGradientFlow:
         t_pde = time.perf_counter() - t0
         self._nonfinite(E0)
         try:
-            info = self.direction()
+            cached, self._direction_cache = self._direction_cache, None
+            if cached is not None and cached[0].shape == theta0.shape \
+                    and np.array_equal(cached[0], theta0):
+                info = cached[1]  # computed by grow() at these parameters
+            else:
+                info = self.direction()
             failure = ""
         except _TRIAL_ERRORS as err:  # non-finite Gram products etc.: reject, damp
             info, failure = None, str(err)
@@ -746,7 +753,9 @@ class NaturalGradientFlow:
                "params_before": p0, "params_after": field.num_params, "energy": E,
                "max_value_change": change, **info}
         if self.compute_alignment and not self.metric.needs_grad:
-            rec["alignment_after"] = self.direction()["alignment"]
+            info = self.direction()  # also the next step's direction (same parameters)
+            rec["alignment_after"] = info["alignment"]
+            self._direction_cache = (field.get_parameters(), info)
         self._energy = E
         self.expansions.append(rec)
         self.last_expansion = self.iteration
@@ -853,6 +862,7 @@ class NaturalGradientFlow:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (same network architecture)."""
         self.field.set_parameters(np.asarray(state["parameters"]))
+        self._direction_cache = None
         self.iteration = int(state["iteration"])
         self.eps, self.tau = float(state["eps"]), float(state["tau"])
         self._energy = state["energy"]
@@ -869,6 +879,7 @@ class NaturalGradientFlow:
         """Forget the cached energy (after the parameters were changed from outside)."""
         self._energy = None
         self._tau_next = None
+        self._direction_cache = None
 
     def destroy(self) -> None:
         """Destroy PETSc objects owned by the flow (a default metric)."""

@@ -140,10 +140,23 @@ class Metric:
         kept for the next block of the same width) instead of ``l`` matrix-vector
         products; collective. The result is column-major (Fortran order).
         """
+        return self._block_product(W).copy(order="F")
+
+    def gram_block(self, W: np.ndarray) -> np.ndarray:
+        """This rank's part of ``W^T A_H W`` (``l x l``; sum over ranks for the Gram matrix).
+
+        The same product as :meth:`apply_block`, read in place (no copy of ``A_H W``).
+        """
         W = np.asarray(W, dtype=np.float64)
-        if not self.is_fe or W.shape[1] == 0:
-            return np.column_stack([self.apply(W[:, j]) for j in range(W.shape[1])]) \
-                if W.shape[1] else W.copy()
+        return W.T @ self._block_product(W)
+
+    def _block_product(self, W: np.ndarray) -> np.ndarray:
+        """``A_H W``; for FE metrics a view of the kept PETSc operand (valid until the next)."""
+        W = np.asarray(W, dtype=np.float64)
+        if not self.is_fe:  # a diagonal metric: the weights, row by row
+            return np.asfortranarray(self._quadrature_weights()[:, None] * W)
+        if W.shape[1] == 0:
+            return W.copy(order="F")
         width = W.shape[1]
         if width not in self._blocks:  # dense operands kept per block width (reused products)
             n, N = self.A.getLocalSize()[1], self.A.getSize()[1]
@@ -155,7 +168,7 @@ class Metric:
         X.getDenseArray()[:] = W  # column-major: fastest from a Fortran-ordered W
         X.assemble()
         self.A.matMult(X, Y)
-        return Y.getDenseArray().copy(order="F")
+        return Y.getDenseArray()
 
     def petsc_matrix(self) -> PETSc.Mat:
         """``A_H`` as a PETSc matrix on the owned rows (owned by the metric: do not destroy).

@@ -35,7 +35,11 @@ def _t(a: np.ndarray) -> torch.Tensor:
 
 
 def _tanh(z):
-    a = torch.tanh(_t(z)).numpy()
+    # tanh z = 2 sigmoid(2 z) - 1: torch's float64 sigmoid is vectorized, its tanh is not
+    # (2-3x slower); the two agree to ~3e-16 absolute
+    a = torch.sigmoid(_t(2.0 * z)).numpy()
+    a *= 2.0
+    a -= 1.0
     return a, 1.0 - a * a
 
 
@@ -202,6 +206,10 @@ class MLPEvaluator:
     def values(self, theta: np.ndarray) -> np.ndarray:
         """``u`` at the points for the flat parameters ``theta``, ``(n,)``."""
         return self._forward(theta)[3].copy()
+
+    def output_sensitivity(self, theta: np.ndarray) -> np.ndarray:
+        """``du/dN = factor T'(N + o)`` at the points, ``(n,)``."""
+        return self._forward(theta)[4].copy()
 
     def jacobian(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(u, J)``: the values and the column-major Jacobian ``(n, P)`` at ``theta``.

@@ -315,6 +315,22 @@ class ProductMetric:
         return self._join([c * self.base.apply(b) for c, b in
                            zip(self.sample_weights, self._blocks(np.asarray(w)), strict=True)])
 
+    def apply_block(self, W: np.ndarray) -> np.ndarray:
+        """``diag(w_i A_H) W`` for a block of stacked owned-row vectors (column-major)."""
+        W = np.asarray(W, dtype=np.float64)
+        if self.needs_grad or W.shape[1] == 0:
+            return np.asfortranarray(np.column_stack([self.apply(W[:, j])
+                                                      for j in range(W.shape[1])])
+                                     if W.shape[1] else W.copy())
+        rows = np.split(W, self.field.n_samples, axis=0)
+        return np.asfortranarray(np.concatenate(
+            [c * self.base.apply_block(b) for c, b in zip(self.sample_weights, rows,
+                                                          strict=True)], axis=0))
+
+    def gram_block(self, W: np.ndarray) -> np.ndarray:
+        """This rank's part of ``W^T diag(w_i A_H) W``."""
+        return np.asarray(W, dtype=np.float64).T @ self.apply_block(W)
+
     def inner(self, u: np.ndarray, v: np.ndarray) -> float:
         """``<u, v>`` (global, identical on all ranks)."""
         return self.comm.allreduce(float(np.dot(u, self.apply(v))))
