@@ -14,10 +14,10 @@ metric          FE representation (``Q_h``)                 quadrature represent
 ==============  ==========================================  =============================
 
 :meth:`Metric.riesz` solves ``A_H g = e`` for a dual vector ``e`` (the exact Hilbert
-gradient ``g = R_H e``) with a PETSc KSP. The default (:func:`riesz_defaults`) is a
-sparse Cholesky factorization (MUMPS), made once, for metric matrices of up to
-:data:`RIESZ_DIRECT_MAX_ROWS` global rows, and CG + GAMG to a relative 1e-12 for
-larger ones; ``petsc_options`` choose another solver (e.g.
+gradient ``g = R_H e``) with a PETSc KSP. The default (:func:`riesz_defaults`) is, on
+one process, PETSc's sparse Cholesky factorization, made once, for metric matrices of up
+to :data:`RIESZ_DIRECT_MAX_ROWS` global rows, and CG + GAMG to a relative 1e-12 in
+parallel and for larger ones; ``petsc_options`` choose another solver (e.g.
 ``{"ksp_type": "cg", "pc_type": "gamg"}``).
 """
 
@@ -40,31 +40,39 @@ __all__ = ["Metric", "L2", "H1", "EnergyNorm", "Euclidean", "H1Seminorm", "riesz
 #: iterative Riesz solve (large metric matrices): CG + GAMG to a relative 1e-12
 RIESZ_ITERATIVE = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-12, "ksp_atol": 1e-30,
                    "ksp_max_it": 2000}
-#: direct Riesz solve: a sparse Cholesky factorization (MUMPS), made once for the fixed
-#: metric matrix; every Riesz map is then a pair of triangular solves
+#: direct Riesz solve (one process): PETSc's sparse Cholesky factorization with a nested
+#: dissection ordering, made once for the fixed metric matrix; every Riesz map is then a
+#: pair of triangular solves. PETSc's own factorization, not MUMPS: a MUMPS
+#: factorization holds MPI communicators of its own, and a few hundred live ones (e.g.
+#: metrics not yet destroyed) exhaust MPICH's 2048 -- a PC set-up failure far away
 RIESZ_DIRECT = {"ksp_type": "preonly", "pc_type": "cholesky",
-                "pc_factor_mat_solver_type": "mumps"}
-#: metric matrices with at most this many global rows get :data:`RIESZ_DIRECT` by default
-#: (measured on P1 H1 matrices: 4x faster per Riesz map than CG + GAMG at 1k and 17k
+                "pc_factor_mat_solver_type": "petsc", "pc_factor_mat_ordering_type": "nd"}
+#: metric matrices with at most this many global rows (2D meshes; a quarter of it in 3D,
+#: where the factors fill more) get :data:`RIESZ_DIRECT` by default on one process
+#: (measured on P1 H1 matrices: 6-12x faster per Riesz map than CG + GAMG at 1k and 17k
 #: rows, the factorization costing about as much as six CG solves)
 RIESZ_DIRECT_MAX_ROWS = 200_000
 #: kept for compatibility: the iterative defaults
 RIESZ_DEFAULTS = RIESZ_ITERATIVE
 
 
-def riesz_defaults(A: PETSc.Mat, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def riesz_defaults(A: PETSc.Mat, options: Mapping[str, Any] | None = None,
+                   tdim: int = 2) -> dict[str, Any]:
     """Default options of the Riesz KSP of the metric matrix ``A``.
 
-    :data:`RIESZ_DIRECT` when ``A`` has at most :data:`RIESZ_DIRECT_MAX_ROWS` global
-    rows, :data:`RIESZ_ITERATIVE` otherwise -- and always when the user's ``options``
-    set the Krylov solver or preconditioner themselves (any ``ksp_*`` or ``pc_*``
-    option other than the factorization's ``pc_factor_*``): ``{"pc_type": "gamg"}``
-    means CG + GAMG, not a single V-cycle, and ``{"ksp_rtol": 1e-14}`` a tighter CG.
+    :data:`RIESZ_DIRECT` on one process when ``A`` has at most
+    :data:`RIESZ_DIRECT_MAX_ROWS` global rows (a quarter of that for ``tdim == 3``),
+    :data:`RIESZ_ITERATIVE` otherwise (in parallel, large matrices) -- and always when the
+    user's ``options`` set the Krylov solver or preconditioner themselves (any ``ksp_*``
+    or ``pc_*`` option): ``{"pc_type": "gamg"}`` means CG + GAMG, not a single V-cycle,
+    and ``{"ksp_rtol": 1e-14}`` a tighter CG.
     """
     options = options or {}
-    if any(k.startswith(("ksp_", "pc_")) and not k.startswith("pc_factor_") for k in options):
+    if any(k.startswith(("ksp_", "pc_")) for k in options):
         return dict(RIESZ_ITERATIVE)
-    return dict(RIESZ_DIRECT if A.getSize()[0] <= RIESZ_DIRECT_MAX_ROWS else RIESZ_ITERATIVE)
+    limit = RIESZ_DIRECT_MAX_ROWS // (4 if tdim >= 3 else 1)
+    direct = A.getComm().getSize() == 1 and A.getSize()[0] <= limit
+    return dict(RIESZ_DIRECT if direct else RIESZ_ITERATIVE)
 
 
 class Metric:
@@ -220,7 +228,8 @@ class Metric:
             if self._solver is None:
                 self._solver = KrylovSolver(self.A, petsc_options_prefix=self.prefix,
                                             petsc_options=self.petsc_options,
-                                            defaults=riesz_defaults(self.A, self.petsc_options))
+                                            defaults=riesz_defaults(self.A, self.petsc_options,
+                                                                    self.field.mesh.topology.dim))
             self._b.array_w[:] = e
             self._x.set(0.0)
             self.riesz_iterations = self._solver.solve(self._b, self._x)
@@ -382,7 +391,8 @@ class H1(Metric):
         if self._solver is None:
             self._solver = KrylovSolver(self._Ah, petsc_options_prefix=self.prefix,
                                         petsc_options=self.petsc_options,
-                                        defaults=riesz_defaults(self._Ah, self.petsc_options))
+                                        defaults=riesz_defaults(self._Ah, self.petsc_options,
+                                                                self.field.mesh.topology.dim))
         field.write(e[: field.local_size] / np.repeat(field.weights, field.value_size),
                     self._density)
         with self._eh.localForm() as loc:

@@ -88,7 +88,8 @@ class TaoSolver:
         self.metric, self._own_metric = control_metric(
             control, metric, alpha, beta, self.prefix + "riesz_", riesz_options)
         self.A = self.metric.petsc_matrix()
-        riesz_opts = ({**riesz_defaults(self.A, self.metric.petsc_options),
+        riesz_opts = ({**riesz_defaults(self.A, self.metric.petsc_options,
+                                        control.mesh.topology.dim),
                        **self.metric.petsc_options} if self.metric.is_fe
                       else {"ksp_type": "preonly", "pc_type": "jacobi"})  # a diagonal A_H
         self._norm_mat = PETSc.Mat().createPython(((n, N), (n, N)), RieszContext(self.metric),
