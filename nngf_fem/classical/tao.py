@@ -20,7 +20,7 @@ from nngf_fem.classical.fe_control import (
 from nngf_fem.energies import EnergyFunctional
 from nngf_fem.errors import SolverError
 from nngf_fem.flow import FlowResult
-from nngf_fem.metrics import Metric, riesz_defaults
+from nngf_fem.metrics import RIESZ_ITERATIVE, Metric
 from nngf_fem.solvers import set_options
 
 import math
@@ -69,7 +69,8 @@ class TaoSolver:
         petsc_options_prefix: prefix of the TAO options (e.g. ``tao_type``,
             ``tao_ls_type``, ``tao_lmvm_mat_lmvm_hist_size``).
         petsc_options: TAO options (default ``{"tao_type": "lmvm"}``).
-        riesz_options: options of the Riesz KSP (override the defaults of
+        riesz_options: options of the Riesz KSP of the metric and of TAO's ``J0``
+            (override CG + GAMG to a relative 1e-12 for ``J0`` and the metric's
             :func:`~nngf_fem.metrics.riesz_defaults`).
     """
 
@@ -88,9 +89,10 @@ class TaoSolver:
         self.metric, self._own_metric = control_metric(
             control, metric, alpha, beta, self.prefix + "riesz_", riesz_options)
         self.A = self.metric.petsc_matrix()
-        riesz_opts = ({**riesz_defaults(self.A, self.metric.petsc_options,
-                                        control.mesh.topology.dim),
-                       **self.metric.petsc_options} if self.metric.is_fe
+        # J0's KSP: CG + GAMG (RIESZ_ITERATIVE) unless the metric's options say otherwise.
+        # Not the metric's direct default: TAO reads these options while J0's KSP still
+        # holds its placeholder matrix, on which a factorization PC fails at set-up
+        riesz_opts = ({**RIESZ_ITERATIVE, **self.metric.petsc_options} if self.metric.is_fe
                       else {"ksp_type": "preonly", "pc_type": "jacobi"})  # a diagonal A_H
         self._norm_mat = PETSc.Mat().createPython(((n, N), (n, N)), RieszContext(self.metric),
                                                   comm=self.comm)
