@@ -144,3 +144,12 @@ def test_many_live_riesz_factorizations():
     assert np.all(np.isfinite(g))
     for m in metrics:
         m.destroy()
+
+
+def test_evaluator_on_a_rank_without_points(rng):
+    """A rank that owns no points gets empty values and a 0-row Jacobian (no error)."""
+    ev = MLPEvaluator(np.zeros((0, 2)), [(4, 2), (3, 4), (1, 3)], "tanh", "exp")
+    theta = rng.standard_normal(ev.num_params)
+    u, J = ev.jacobian(theta)
+    assert u.shape == (0,) and J.shape == (0, ev.num_params)
+    assert ev.values(theta).shape == (0,) and ev.output_sensitivity(theta).shape == (0,)
