@@ -31,6 +31,13 @@ import numpy as np
 __all__ = ["GaussNewtonSubspace", "HilbertGram"]
 
 
+def _finite_gram(G: np.ndarray) -> np.ndarray:
+    """``G`` itself; raises FloatingPointError (on all ranks: ``G`` is allreduced) if not finite."""
+    if not np.all(np.isfinite(G)):
+        raise FloatingPointError("the Gram matrix J^T A_H J is not finite")
+    return G
+
+
 class HilbertGram:
     """``G_H = J^T A_H J`` as eigenpairs ``U diag(lam) U^T`` (dense, or a Nystrom sketch).
 
@@ -48,7 +55,11 @@ class HilbertGram:
         self.exact = P <= dense_limit
         if self.exact:
             J = lin.J if getattr(lin, "J", None) is not None else lin.jvp_block(np.eye(P))
-            self._dense(metric, J)
+            G = allreduce_sum(metric.comm, metric.gram_block(J) if P else np.zeros((0, 0)))
+            G = _finite_gram(0.5 * (G + G.T))
+            lam, U = np.linalg.eigh(G)
+            self.lam, self.U = np.maximum(lam, 0.0), U
+            self.G = G
         else:
             op = GramOperator(metric, lin, 0.0)
             try:
@@ -58,26 +69,6 @@ class HilbertGram:
             self.U, self.lam, self.G = pre.U, pre.lam, None
         self.lam_max = float(self.lam.max()) if self.lam.size else 0.0
         self._metric, self._lin = metric, lin
-
-    @classmethod
-    def from_jacobian(cls, metric, J: np.ndarray) -> "HilbertGram":
-        """The exact ``G_H`` of an explicit local Jacobian ``J`` (owned rows x P)."""
-        self = cls.__new__(cls)
-        self.P, self.exact = J.shape[1], True
-        self._dense(metric, J)
-        self._metric, self._lin = metric, None
-        return self
-
-    def _dense(self, metric, J: np.ndarray) -> None:
-        G = allreduce_sum(metric.comm, metric.gram_block(J) if J.shape[1]
-                          else np.zeros((0, 0)))
-        G = 0.5 * (G + G.T)
-        if not np.all(np.isfinite(G)):
-            raise FloatingPointError("the Gram matrix J^T A_H J is not finite")
-        lam, U = np.linalg.eigh(G)
-        self.lam, self.U = np.maximum(lam, 0.0), U
-        self.G = G
-        self.lam_max = float(self.lam.max()) if self.lam.size else 0.0
 
     def apply(self, v: np.ndarray) -> np.ndarray:
         """``G_H v`` (exact: dense product; otherwise a metric product through ``J``)."""
@@ -274,9 +265,7 @@ def _damped_solve(G: np.ndarray, b: np.ndarray, delta_rel: float,
     the system from an LU solve: no eigendecomposition, the fit's inner loop needs one
     solve per ``G``. Returns the solution and the power iterate (a start for the next).
     """
-    if not np.all(np.isfinite(G)):
-        raise FloatingPointError("the Gram matrix J^T A_H J is not finite")
-    lam, v = _largest_eigenvalue(G, v, its)
+    lam, v = _largest_eigenvalue(_finite_gram(G), v, its)
     delta = delta_rel * max(lam, 1e-300)
     return -np.linalg.solve(G + delta * np.eye(G.shape[0]), b), v
 

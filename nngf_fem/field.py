@@ -225,7 +225,7 @@ class NeuralField:
         self._transform_key = transform if isinstance(transform, str) else None
         #: the transform's name when it was given by name (None for a callable)
         self.named_transform = self._transform_key
-        self._evaluator: tuple[tuple, MLPEvaluator | None] | None = None
+        self._evaluator: tuple[tuple, list, MLPEvaluator | None] | None = None
         for p in module.parameters():
             if p.dtype != torch.float64:
                 raise TypeError(
@@ -845,19 +845,17 @@ class NeuralField:
         on first use and again after growth or a new offset; :meth:`values`,
         :meth:`jacobian` and :class:`Linearization` use it.
         """
+        # what the evaluator was built from: the offset, factor, lift and mu (by identity)
+        # and the parameter shapes (growth changes them)
         key = (self._offset, self.factor, self.lift, self._mu)
+        shapes = [tuple(p.shape) for p in self.module.parameters()]
         if self._evaluator is not None:
-            old, ev = self._evaluator
-            if all(a is b for a, b in zip(old, key, strict=True)) and (
-                    ev is None and not self._grew(old) or ev is not None and ev.matches(self)):
+            old_key, old_shapes, ev = self._evaluator
+            if old_shapes == shapes and all(a is b for a, b in zip(old_key, key, strict=True)):
                 return ev
-        self._evaluator = (key, MLPEvaluator.build(self))
-        self._evaluator_shapes = [tuple(p.shape) for p in self.module.parameters()]
-        return self._evaluator[1]
-
-    def _grew(self, key) -> bool:
-        return getattr(self, "_evaluator_shapes", None) != [tuple(p.shape)
-                                                            for p in self.module.parameters()]
+        ev = MLPEvaluator.build(self)
+        self._evaluator = (key, shapes, ev)
+        return ev
 
     def values_and_grads(self) -> tuple[np.ndarray, np.ndarray]:
         """Current values ``(n*m,)`` and x-derivatives ``(n*m*gdim,)`` at the owned points."""

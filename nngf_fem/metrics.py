@@ -52,8 +52,6 @@ RIESZ_DIRECT = {"ksp_type": "preonly", "pc_type": "cholesky",
 #: (measured on P1 H1 matrices: 6-12x faster per Riesz map than CG + GAMG at 1k and 17k
 #: rows, the factorization costing about as much as six CG solves)
 RIESZ_DIRECT_MAX_ROWS = 200_000
-#: kept for compatibility: the iterative defaults
-RIESZ_DEFAULTS = RIESZ_ITERATIVE
 
 
 def riesz_defaults(A: PETSc.Mat, options: Mapping[str, Any] | None = None,

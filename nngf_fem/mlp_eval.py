@@ -90,7 +90,7 @@ class MLPEvaluator:
     Build it with :meth:`build` (None when the field or its module is not covered); it
     holds the points (transposed inputs), the offset, factor and lift at them and the
     parameter layout of the module when it was built (``shapes``): a grown module
-    needs a new evaluator (:meth:`matches` tells).
+    needs a new evaluator (:meth:`~nngf_fem.field.NeuralField.point_evaluator` builds it).
 
     Args:
         inputs: network inputs at the points, ``(n, d_in)``.
@@ -151,13 +151,6 @@ class MLPEvaluator:
 
         return cls(x.numpy(), [tuple(layer.weight.shape) for layer in layers],
                    module.activation_name, field.named_transform, flat(o), flat(f), flat(g))
-
-    def matches(self, field) -> bool:
-        """Whether the field's module still has the layer shapes this evaluator was built for."""
-        module = field.module
-        layers = [*getattr(module, "hidden_layers", []), getattr(module, "output_layer", None)]
-        return (None not in layers and not len(getattr(module, "blocks", ()))
-                and [tuple(layer.weight.shape) for layer in layers] == self.shapes)
 
     # ------------------------------------------------------------ evaluation
     def _unpack(self, theta: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
